@@ -1,0 +1,17 @@
+"""`mathlm`: one CLI for training and evaluating math language models."""
+from __future__ import annotations
+
+import typer
+
+from mathlm.cli import data as data_cmd
+from mathlm.cli import train as train_cmd
+
+app = typer.Typer(
+    help="mathlm: train math language models with JAX, from a laptop CPU to TPU pods and GPU clusters.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command(name="train", no_args_is_help=True)(train_cmd.train)
+app.add_typer(data_cmd.data_app, name="data")
+app.add_typer(data_cmd.tokenizer_app, name="tokenizer")
+
+if __name__ == "__main__":
+    app()

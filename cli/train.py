@@ -1,0 +1,48 @@
+"""`mathlm train CONFIG [key=value ...]`."""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import List, Optional
+
+import typer
+
+from mathlm.cli.errors import one_line_errors
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def train(
+    config: pathlib.Path = typer.Argument(..., help="YAML recipe, e.g. configs/math-tiny.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="dotted overrides after the config, e.g. train.steps=200 train.seed=1 model.init_from=runs/a"),
+    workdir: Optional[pathlib.Path] = typer.Option(
+        None, "--workdir", "-w", help="run folder (default: runs/<config name>); an existing one is resumed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="compile the step for the mesh, print size/FLOPs/memory, exit"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar"),
+):
+    """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
+    with one_line_errors():
+        from mathlm.train.config import load_config
+        cfg = load_config(config, overrides or [])
+        if dry_run:
+            from mathlm.train.trainer import dry_run as run_dry
+            report = run_dry(cfg)
+            for k, v in report.items():
+                shown = _human(v) if k.startswith("bytes_") else (f"{v:.3e}" if "flops" in k else v)
+                typer.echo(f"{k:34s} {shown}")
+            typer.echo(json.dumps(report))
+            return
+        from mathlm.train.trainer import train as run_train
+        wd = workdir or pathlib.Path("runs") / config.stem
+        last = run_train(cfg, wd, show_progress=not no_progress)
+        if last.get("preempted"):
+            return
+        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
+        typer.echo(f"done: {wd} " + json.dumps(summary))

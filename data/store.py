@@ -1,0 +1,118 @@
+"""Tokenized store on tensorstore (zarr): token ids, document boundaries and prompt lengths.
+
+Layout under a local path or any tensorstore URL (gs://, s3://, ...):
+  tokens/       int32  [n_tokens]     every document as <bos> prompt response <eos>, concatenated
+  doc_offsets/  int64  [n_docs + 1]   token offset of each document start (last entry = n_tokens)
+  prompt_lens/  int32  [n_docs]       tokens of each document that belong to the prompt (0 for plain text)
+  meta.json                           counts and the tokenizer fingerprint
+Readers fetch token slices lazily, so a process touches only the windows it trains on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Iterable
+
+import numpy as np
+import tensorstore as ts
+
+from mathlm.data.sources import DataError, Example
+from mathlm.data.tokenizer import Tokenizer
+
+CHUNK = 1 << 20  # tokens per zarr chunk
+
+
+def _kvstore(url: str, sub: str) -> str:
+    if "://" not in url:
+        url = "file://" + os.path.abspath(url)
+    return url.rstrip("/") + "/" + sub + "/"
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _open(url: str, sub: str, *, create: bool = False, dtype=None, shape=None):
+    spec = {"driver": "zarr", "kvstore": _kvstore(url, sub)}
+    if create:
+        return ts.open(spec, create=True, delete_existing=True, dtype=dtype, shape=shape,
+                       chunk_layout=ts.ChunkLayout(chunk_shape=[min(CHUNK, max(1, shape[0]))])).result()
+    return ts.open(spec).result()
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.hf.to_str().encode()).hexdigest()[:16]
+
+
+def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: int = 4096) -> dict:
+    """Tokenize examples and write the store; returns its meta dict."""
+    tokens: list[np.ndarray] = []
+    lengths: list[int] = []
+    prompt_lens: list[int] = []
+    pending: list[Example] = []
+
+    def flush():
+        if not pending:
+            return
+        prompts = tok.encode_batch([e.prompt for e in pending])
+        responses = tok.encode_batch([e.response for e in pending])
+        for p, r in zip(prompts, responses):
+            ids = np.asarray([tok.bos_id, *p, *r, tok.eos_id], np.int32)
+            tokens.append(ids)
+            lengths.append(len(ids))
+            prompt_lens.append(1 + len(p))
+        pending.clear()
+
+    for ex in examples:
+        pending.append(ex)
+        if len(pending) >= batch:
+            flush()
+    flush()
+    if not tokens:
+        raise DataError("no examples to write")
+    all_tokens = np.concatenate(tokens)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if _is_local(url):
+        pathlib.Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+    for sub, arr in (("tokens", all_tokens), ("doc_offsets", offsets),
+                     ("prompt_lens", np.asarray(prompt_lens, np.int32))):
+        _open(url, sub, create=True, dtype=ts.dtype(arr.dtype.name), shape=arr.shape).write(arr).result()
+    meta = {"n_tokens": int(all_tokens.size), "n_docs": len(lengths), "tokenizer": tokenizer_fingerprint(tok),
+            "vocab_size": tok.vocab_size, "format": "mathlm-tokens-v1"}
+    meta_store = ts.KvStore.open(_kvstore(url, "").rstrip("/") + "/").result()
+    meta_store.write("meta.json", json.dumps(meta, indent=1).encode()).result()
+    return meta
+
+
+class TokenStore:
+    """Read side: document table in memory, token slices fetched on demand."""
+
+    def __init__(self, url: str):
+        try:
+            kv = ts.KvStore.open(_kvstore(url, "").rstrip("/") + "/").result()
+            raw = kv.read("meta.json").result().value
+            if not raw:
+                raise ValueError
+            self.meta = json.loads(bytes(raw))
+            self.tokens = _open(url, "tokens")
+            self.doc_offsets = np.asarray(_open(url, "doc_offsets").read().result(), np.int64)
+            self.prompt_lens = np.asarray(_open(url, "prompt_lens").read().result(), np.int32)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{url}: not a mathlm token store (run `mathlm data prepare`): {e}") from None
+        self.url = url
+        self.n_tokens = int(self.meta["n_tokens"])
+        self.n_docs = int(self.meta["n_docs"])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.tokens[start:stop].read().result(), np.int32)
+
+    def doc(self, i: int) -> tuple[np.ndarray, int]:
+        return self.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1])), int(self.prompt_lens[i])
+
+
+def is_store(path: str) -> bool:
+    if _is_local(path):
+        return (pathlib.Path(path.removeprefix("file://")) / "meta.json").is_file()
+    return True  # remote URLs are only ever stores

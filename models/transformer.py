@@ -1,0 +1,184 @@
+"""One Llama-style Transformer (Flax NNX): RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
+
+The same network serves every objective: `causal=True` for autoregressive LMs, `causal=False` for masked
+diffusion (bidirectional). The input embedding may carry one extra row for a mask token; the output head always
+covers the real vocabulary only, so a model can never predict the mask.
+
+Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H // K, Dh head dim, F ffn dim, V vocab.
+Parallelism is applied outside this file (models/sharding.py maps each weight to mesh axes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 704
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    causal: bool = True
+    mask_token: bool = True  # reserve embedding row `vocab_size` for a [MASK] input (diffusion models)
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: bool = False
+    init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    def param_count(self, embeddings: bool = True) -> int:
+        d, f, dh = self.d_model, self.d_ff, self.head_dim
+        attn = d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
+        block = attn + 3 * d * f + 2 * d
+        n = self.n_layers * block + d
+        if embeddings:
+            n += (self.vocab_size + int(self.mask_token)) * d
+            n += 0 if self.tie_embeddings else d * self.vocab_size
+        return n
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 whatever the compute dtype: bf16 variance is too coarse.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the rotate-half layout used by Hugging Face Llama (weights convert 1:1)."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, Dh/2)
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(segment_ids, causal: bool):
+    """(B, 1, 1, T, S) boolean: attend only within the same document (and to the past when causal)."""
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        t = segment_ids.shape[1]
+        same_doc = same_doc & jnp.tril(jnp.ones((t, t), bool))[None]
+    return same_doc[:, None, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, dh = cfg.d_model, cfg.head_dim
+        dt = jnp.dtype(cfg.dtype)
+        lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dt, rngs=rngs)
+        self.q = lin(d, cfg.n_heads * dh, 0.02)
+        self.k = lin(d, cfg.n_kv_heads * dh, 0.02)
+        self.v = lin(d, cfg.n_kv_heads * dh, 0.02)
+        # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the residual stream does not grow with depth.
+        self.o = lin(cfg.n_heads * dh, d, 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        kv, g, dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, cfg.rope_theta)
+        k = rope(self.k(x).reshape(b, t, kv, dh), positions, cfg.rope_theta)
+        v = self.v(x).reshape(b, t, kv, dh)
+        # Plain einsum attention: measured faster than jax.nn.dot_product_attention on the XLA CPU backend.
+        q = q.reshape(b, t, kv, g, dh)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(dh)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.n_heads * dh)
+        return self.o(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        dt = jnp.dtype(cfg.dtype)
+        lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dt, rngs=rngs)
+        self.gate = lin(d, f, 0.02)
+        self.up = lin(d, f, 0.02)
+        self.down = lin(f, d, 0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask):
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        n_embed = cfg.vocab_size + int(cfg.mask_token)
+        self.embed = nnx.Embed(n_embed, cfg.d_model, embedding_init=_normal(0.02), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=_normal(0.02),
+                                      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens (B, T) int32 -> logits (B, T, V) float32 over the real vocabulary."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        mask = attention_mask(segment_ids, cfg.causal)
+        x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+        for block in self.blocks:
+            if cfg.remat:
+                x = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
+            else:
+                x = block(x, positions, mask)
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            head = self.embed.embedding[...][: cfg.vocab_size].astype(x.dtype)
+            return jnp.einsum("btd,vd->btv", x, head).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)

@@ -1,0 +1,236 @@
+"""Typed, validated run configuration: YAML file + `dotted.key=value` overrides -> `Config`.
+
+Every section is a frozen dataclass; unknown keys and wrong types are errors that name the key (and close matches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+
+import yaml
+
+from mathlm.models.transformer import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Training data: "synth" (the built-in corpus), JSONL/text files or globs, or a `mathlm data prepare` store.
+    train: list[str] = dataclasses.field(default_factory=lambda: ["synth"])
+    # Held-out data for periodic eval; None = the synthetic validation split when train is "synth", else no eval.
+    validation: list[str] | None = None
+    format: str = "lm"  # "lm": packed documents; "sft": (prompt, response) pairs with the prompt masked out
+    tokenizer: str | None = None  # tokenizer.json; None trains one on the training data (saved in the workdir)
+    synth_n: int = 20000  # problems in the built-in corpus
+    synth_seed: int = 0
+    synth_max_steps: int = 5
+    truncate: bool = True  # SFT pairs longer than seq_len: truncate (with a count reported) or error
+    grain_workers: int = 0
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global batch in sequences per optimizer step
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
+    seq_len: int = 256
+    objective: str = "causal_lm"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    seed: int = 0
+    trainable: list[str] | None = None  # regexes over weight paths; None = everything trains
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    peak_flops: float | None = None  # FLOP/s of the whole run for MFU; None = known accelerator peak or measured
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: whatever devices remain after fsdp * tensor
+    fsdp: int = 1
+    tensor: int = 1
+    rules: list[list] | None = None  # [[logical, mesh_axis or [axes] or null], ...]; None = models.sharding defaults
+    distributed: str = "auto"  # "auto": initialise jax.distributed when a cluster is detected; "on"; "off"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# ----------------------------------------------------------------------------- conversion with type checks
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (typing.Any,)
+        if isinstance(value, (str, int, float)) and item is str:
+            value = [value]  # a single path is a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is typing.Any or origin is not None:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads '3e-4' as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = cfg.train
+    checks = [
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.micro_batches >= 1 and t.batch_size % t.micro_batches == 0,
+         f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}"),
+        (2 <= t.seq_len <= cfg.model.max_seq_len,
+         f"train.seq_len={t.seq_len} must be in [2, model.max_seq_len={cfg.model.max_seq_len}]"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        (cfg.data.format in ("lm", "sft"), f"data.format must be 'lm' or 'sft', got {cfg.data.format!r}"),
+        (cfg.mesh.distributed in ("auto", "on", "off"), "mesh.distributed must be auto, on or off"),
+        (not cfg.data.train == [], "data.train is empty"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,117 @@
+"""From `data:` config to tokenized stores in the workdir: synthetic corpus, tokenizer, `data prepare`.
+
+Process 0 does the writing; the others wait at a barrier, then every process opens the same stores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+import shutil
+
+import jax
+
+from mathlm.data import synth
+from mathlm.data.sources import DataError, expand, read_examples
+from mathlm.data.store import TokenStore, is_store, tokenizer_fingerprint, write_store
+from mathlm.data.tokenizer import Tokenizer, train_tokenizer
+from mathlm.train.config import Config, ConfigError
+
+TOKENIZER_SAMPLE = 200_000  # examples used to train a tokenizer when none is given
+
+
+@dataclasses.dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train_url: str
+    validation_url: str | None
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _synth_paths(cfg: Config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    d = cfg.data
+    out = workdir / "data" / f"synth-n{d.synth_n}-s{d.synth_seed}-k{d.synth_max_steps}"
+    paths = {s: out / f"{s}.jsonl" for s in ("train", "validation", "test")}
+    if jax.process_index() == 0 and not all(p.is_file() for p in paths.values()):
+        splits = synth.generate(synth.SynthConfig(n=d.synth_n, seed=d.synth_seed, max_steps=d.synth_max_steps))
+        synth.write_jsonl(splits, out)
+    _barrier("synth")
+    return paths
+
+
+def _resolve_sources(cfg: Config, workdir: pathlib.Path) -> tuple[list[str], list[str] | None]:
+    train, val = list(cfg.data.train), cfg.data.validation
+    if "synth" in train:
+        paths = _synth_paths(cfg, workdir)
+        train = [str(paths["train"]) if t == "synth" else t for t in train]
+        if val is None:
+            val = [str(paths["validation"])]
+    if val is not None and "synth" in val:
+        val = [str(_synth_paths(cfg, workdir)["validation"]) if v == "synth" else v for v in val]
+    return train, val
+
+
+def _find_tokenizer(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
+    if cfg.data.tokenizer:
+        p = pathlib.Path(cfg.data.tokenizer)
+        if not (p.is_file() or (p / "tokenizer.json").is_file()):
+            raise DataError(f"tokenizer not found: {p}")
+        return p
+    if (workdir / "tokenizer.json").is_file():
+        return workdir / "tokenizer.json"
+    if cfg.model.init_from:
+        # Fine-tuning must read text exactly as the pretrained model did.
+        src = pathlib.Path(cfg.model.init_from)
+        for cand in (src, src.parent, src.parent.parent, src.parent.parent.parent):
+            if (cand / "tokenizer.json").is_file():
+                return cand / "tokenizer.json"
+    return None
+
+
+def _store_for(paths: list[str], fmt: str, tok: Tokenizer, cache: pathlib.Path, log) -> str:
+    if len(paths) == 1 and is_store(paths[0]):
+        store = TokenStore(paths[0])
+        if store.meta.get("tokenizer") != tokenizer_fingerprint(tok):
+            raise DataError(f"{paths[0]} was prepared with a different tokenizer than this run uses")
+        return paths[0]
+    files = expand(paths)
+    sig = hashlib.sha256(json.dumps(
+        [fmt, tokenizer_fingerprint(tok)] + [[f, pathlib.Path(f).stat().st_mtime_ns] for f in files]
+    ).encode()).hexdigest()[:12]
+    url = cache / sig
+    if jax.process_index() == 0 and not (url / "meta.json").is_file():
+        log(f"tokenizing {len(files)} file(s) -> {url}")
+        if url.exists():
+            shutil.rmtree(url)
+        meta = write_store(str(url), read_examples(files), tok)
+        log(f"  {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
+    _barrier(f"store-{sig}")
+    return str(url)
+
+
+def prepare_run_data(cfg: Config, workdir: pathlib.Path, log=print) -> RunData:
+    train, val = _resolve_sources(cfg, workdir)
+    tok_path = _find_tokenizer(cfg, workdir)
+    if tok_path is None:
+        if jax.process_index() == 0:
+            log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on the training data")
+            texts = (ex.text for ex in itertools.islice(read_examples(train), TOKENIZER_SAMPLE))
+            train_tokenizer(texts, cfg.model.vocab_size).save(workdir / "tokenizer.json")
+        _barrier("tokenizer")
+        tok_path = workdir / "tokenizer.json"
+    tok = Tokenizer.load(tok_path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    if jax.process_index() == 0 and tok_path != workdir / "tokenizer.json":
+        tok.save(workdir / "tokenizer.json")  # the workdir always holds the tokenizer it was trained with
+    cache = workdir / "data" / "tokens"
+    train_url = _store_for(train, cfg.data.format, tok, cache, log)
+    val_url = _store_for(val, cfg.data.format, tok, cache, log) if val else None
+    return RunData(tok, train_url, val_url)

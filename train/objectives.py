@@ -1,0 +1,75 @@
+"""Objectives: small pure loss functions over a batch. The trainer does not know which one it runs.
+
+Contract: `objective(model, batch, rng, frozen) -> (loss_sum, metrics)`
+  - `model`: the NNX module with the trainable + frozen weights merged in;
+  - `batch`: dict of (B, L) arrays (see mathlm.data.pipeline);
+  - `rng`: a PRNG key for stochastic objectives (diffusion masking), distinct per micro-batch and step;
+  - `frozen`: extra parameter sets (e.g. a DPO reference model), a pytree, possibly empty;
+  - returns the *sum* of the loss over the batch and `metrics`, which must hold `denom`, the normaliser of that
+    sum (e.g. the number of loss tokens). The trainer divides Σ loss_sum by Σ denom over all micro-batches, so k
+    micro-batches give exactly the gradient of one k-times larger batch. Other metrics are sums, divided by denom
+    for logging.
+Auxiliary losses a model sows as `nnx.Intermediate` under the name `aux_loss` (Control-LLM divergence) are mean
+values; `add_aux_losses` folds them in with the same normaliser.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(name: str):
+    def deco(fn: Objective) -> Objective:
+        OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in float32, (B, L)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def add_aux_losses(model: nnx.Module, loss_sum: jax.Array, denom: jax.Array):
+    """Add every sown `aux_loss` (a mean) to a summed loss, scaled by the same normaliser."""
+    aux = nnx.pop(model, nnx.Intermediate)
+    values = [v for path, v in jax.tree_util.tree_leaves_with_path(aux)
+              if any(getattr(k, "key", None) == "aux_loss" for k in path)]
+    total = sum((jnp.sum(jnp.asarray(v)) for v in values), jnp.zeros((), jnp.float32))
+    return loss_sum + total * denom, total
+
+
+def _masked_lm(model, batch):
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    nll = token_nll(logits, batch["targets"]) * mask
+    denom = jnp.sum(mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+    loss_sum, aux = add_aux_losses(model, jnp.sum(nll), denom)
+    return loss_sum, {"denom": denom, "nll_sum": jnp.sum(nll), "correct_sum": correct, "aux_loss": aux * denom}
+
+
+@register("causal_lm")
+def causal_lm(model, batch, rng=None, frozen=None):
+    """Next-token cross-entropy on packed documents; `loss_mask` drops targets across document boundaries."""
+    return _masked_lm(model, batch)
+
+
+@register("sft")
+def sft(model, batch, rng=None, frozen=None):
+    """Supervised fine-tuning: the pipeline's loss_mask covers the response (and eos) only, never the prompt."""
+    return _masked_lm(model, batch)

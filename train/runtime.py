@@ -1,0 +1,99 @@
+"""Where the run executes: jax.distributed, the device mesh, FLOP accounting and the hardware peak for MFU."""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mathlm.models.transformer import ModelConfig
+from mathlm.train.config import ConfigError, MeshConfig
+
+_initialized = False
+
+
+def maybe_initialize_distributed(cfg: MeshConfig) -> None:
+    """Join a multi-process run. Must run before any other JAX call touches a backend.
+
+    "auto" initialises when a cluster is visible: an explicit coordinator (config or JAX_COORDINATOR_ADDRESS),
+    a multi-task SLURM job, or a TPU pod slice (jax.distributed detects the rest on TPU and SLURM).
+    """
+    global _initialized
+    if _initialized or cfg.distributed == "off":
+        return
+    coordinator = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    if cfg.distributed == "auto" and not (coordinator or slurm or tpu_pod):
+        return
+    kwargs = {}
+    if coordinator:
+        kwargs["coordinator_address"] = coordinator
+    nproc = cfg.num_processes if cfg.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if nproc is not None:
+        kwargs["num_processes"] = int(nproc)
+    if pid is not None:
+        kwargs["process_id"] = int(pid)
+    jax.distributed.initialize(**kwargs)
+    _initialized = True
+
+
+def make_mesh(cfg: MeshConfig) -> Mesh:
+    n = jax.device_count()
+    fsdp, tensor = cfg.fsdp, cfg.tensor
+    data = cfg.data if cfg.data != -1 else n // max(fsdp * tensor, 1)
+    if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != n:
+        raise ConfigError(f"mesh data={cfg.data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+                          f"does not match the {n} available devices")
+    devices = np.asarray(jax.devices()).reshape(data, fsdp, tensor)
+    return Mesh(devices, ("data", "fsdp", "tensor"))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token = 6·N + 12·n_layers·d_attn·T (PaLM appendix B).
+
+    N counts the weights used in matmuls (all blocks + the output head; the embedding lookup is free);
+    the second term is attention's QK^T and AV, forward and backward, counted for the full (unmasked) square.
+    """
+    n_matmul = cfg.param_count(embeddings=False) - (2 * cfg.n_layers + 1) * cfg.d_model
+    n_matmul += cfg.d_model * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+# Dense peak FLOP/s per device for known accelerators (bf16 tensor cores / MXU).
+_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
+          "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of a large square matmul on device 0: the machine's practical peak (used on CPUs)."""
+    dev = jax.local_devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def peak_flops_per_device(override: float | None = None) -> float:
+    if override:
+        return override
+    kind = jax.devices()[0].device_kind.lower()
+    for name, peak in _PEAKS.items():
+        if name in kind:
+            return peak
+    return measured_matmul_peak()
