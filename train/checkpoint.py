@@ -5,6 +5,7 @@ dotted weight paths: stable names on disk whatever container types the model use
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -96,7 +97,13 @@ def load_params(path: str, params_like, shardings):
                     raise CheckpointError(f"{path}: weight {k} has shape {have} in the checkpoint but the model "
                                           f"needs {tuple(leaf.shape)}")
         target = flatten(_abstract(params_like, shardings))
-        out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # orbax warns about the items we deliberately leave on disk
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        finally:
+            absl_logger.setLevel(level)
     return unflatten(params_like, out["params"]), step
 
 

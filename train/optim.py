@@ -11,11 +11,15 @@ from mathlm.train.config import TrainConfig
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup to lr over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step.
+
+    Evaluated at step + 1 so the very first update already moves the weights (lr / warmup_steps).
+    """
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    return lambda step: base(step + 1)
 
 
 def trainable_labels(params, patterns: list[str] | None):

@@ -80,22 +80,23 @@ def build(cfg: Config, frozen=None) -> Setup:
 
     def fresh_params(seed):
         model = Transformer(cfg.model, rngs=nnx.Rngs(params=jax.random.key(seed)))
-        return nnx.state(model, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_params = jax.eval_shape(fresh_params, 0)
     params_sh = shard_rules.param_shardings(abstract_params, mesh, rules)
     tx = make_optimizer(t, abstract_params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def opt_init(params, seed):
         return {"state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
 
     # The optimizer state's shardings follow from the params' by XLA propagation; read them off the compiled init.
-    opt_compiled = jax.jit(opt_init, in_shardings=(params_sh, None)).lower(abstract_params, 0).compile()
-    opt_sh = opt_compiled.output_shardings
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_compiled = jax.jit(opt_init, in_shardings=(params_sh, replicated)).lower(abstract_params, 0).compile()
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated,
+                          opt_compiled.output_shardings)
     abstract_opt = jax.eval_shape(opt_init, abstract_params, 0)
 
     def _init(seed):
@@ -132,7 +133,7 @@ def build(cfg: Config, frozen=None) -> Setup:
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, new_state = tx.update(grads, opt["state"], params)
         new_params = optax.apply_updates(params, updates)
-        out = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(opt["step"]),
+        out = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt["step"]),
                "tokens": metrics["denom"], **{k_: v for k_, v in metrics.items() if k_ != "denom"}}
         new_opt = {"state": new_state, "step": opt["step"] + 1, "rng": opt["rng"]}
         return new_params, new_opt, out
@@ -223,8 +224,12 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True) -> dict:
-    """Train (or resume) in `workdir`; returns the last logged metrics."""
+def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns the last logged metrics.
+
+    `stop_after` ends this invocation early at that step (saving a checkpoint), as a preemption would.
+    """
     from mathlm.data.pipeline import eval_batches, make_source, train_dataset
     from mathlm.train.data_setup import prepare_run_data
     from mathlm.train.metrics import RunLogger, Throughput, console
@@ -339,12 +344,14 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
                     logger.log(step, last_eval)
                     last.update(last_eval)
                     meter.reset()
+                if stop_after is not None and step >= stop_after:
+                    preempt.requested = True
                 if step % cfg.checkpoint.every_steps == 0 or step == t.steps or preempt.requested:
                     flush(step)
                     checkpointer.save(step, params, opt, it.get_state())
                 if preempt.requested:
                     checkpointer.wait()
-                    logger.info(f"SIGTERM: saved checkpoint at step {step}; exiting (rerun to resume)")
+                    logger.info(f"stopping: saved checkpoint at step {step}; rerun the same command to resume")
                     break
         finally:
             checkpointer.close()

@@ -1,0 +1,58 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and a tiny prepared corpus shared by the session."""
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+TINY = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=128", "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=8", "train.log_every=1",
+    "train.eval_every=0", "train.warmup_steps=2", "train.lr=1e-2", "checkpoint.async_save=false",
+    "checkpoint.every_steps=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Synthetic corpus -> tokenizer -> token stores, built once through the public functions."""
+    from mathlm.data import synth
+    from mathlm.data.sources import read_examples
+    from mathlm.data.store import write_store
+    from mathlm.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    paths = synth.write_jsonl(synth.generate(synth.SynthConfig(n=800, seed=0)), root / "jsonl")
+    tok = train_tokenizer((e.text for e in read_examples([str(paths["train"])])), 512)
+    tok.save(root / "tokenizer.json")
+    for split in ("train", "validation"):
+        write_store(str(root / split), read_examples([str(paths[split])]), tok)
+    return {"root": root, "jsonl": paths, "tokenizer": root / "tokenizer.json",
+            "train": root / "train", "validation": root / "validation"}
+
+
+def tiny_overrides(corpus, *extra: str) -> list[str]:
+    return TINY + [f"data.train=[{corpus['train']}]", f"data.tokenizer={corpus['tokenizer']}",
+                   "data.validation=null", *extra]
+
+
+def losses(workdir) -> list[float]:
+    rows = [json.loads(l) for l in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def run_script(args: list[str], env_extra: dict | None = None, devices: int | None = None, timeout=300):
+    """Run tests/_run.py in a fresh interpreter (own XLA device count / jax.distributed settings)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(HERE / "_run.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
