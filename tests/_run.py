@@ -1,7 +1,7 @@
 """Train in a fresh process (used by tests for 1-device baselines and jax.distributed runs).
 
 usage: python _run.py WORKDIR RECORD_FILE override [override ...]
-Writes {"losses": [...], "windows": [source indices this process read]} to RECORD_FILE.
+Writes {"losses": [...], "windows": [source indices this process read, in read order]} to RECORD_FILE.
 """
 import json
 import sys
@@ -27,5 +27,5 @@ if __name__ == "__main__":
     train(cfg, workdir, show_progress=False)
     import jax
     lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")] if jax.process_index() == 0 else []
-    json.dump({"losses": [r["loss"] for r in lines if "loss" in r], "windows": sorted(set(read)),
+    json.dump({"losses": [r["loss"] for r in lines if "loss" in r], "windows": list(dict.fromkeys(read)),
                "process": jax.process_index(), "devices": jax.device_count()}, open(record, "w"))

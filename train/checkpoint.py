@@ -5,7 +5,6 @@ dotted weight paths: stable names on disk whatever container types the model use
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 
 import jax
@@ -37,7 +36,9 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.mgr = ocp.CheckpointManager(self.directory, options=options)
+        self.mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()
@@ -82,7 +83,7 @@ def resolve(path: str) -> tuple[pathlib.Path, int]:
 def load_params(path: str, params_like, shardings):
     """Params only (for `model.init_from`), with a shape check that names the first mismatching weight."""
     directory, step = resolve(path)
-    with ocp.CheckpointManager(directory) as mgr:
+    with ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}) as mgr:
         meta = mgr.item_metadata(step)
         stored = meta["params"] if meta is not None and "params" in meta else None
         want = flatten(params_like)
@@ -97,13 +98,7 @@ def load_params(path: str, params_like, shardings):
                     raise CheckpointError(f"{path}: weight {k} has shape {have} in the checkpoint but the model "
                                           f"needs {tuple(leaf.shape)}")
         target = flatten(_abstract(params_like, shardings))
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # orbax warns about the items we deliberately leave on disk
-        try:
-            out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-        finally:
-            absl_logger.setLevel(level)
+        out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     return unflatten(params_like, out["params"]), step
 
 
