@@ -116,3 +116,11 @@ def is_store(path: str) -> bool:
     if _is_local(path):
         return (pathlib.Path(path.removeprefix("file://")) / "meta.json").is_file()
     return True  # remote URLs are only ever stores
+
+
+def unigram_entropy(store: TokenStore, max_tokens: int = 20_000_000) -> float:
+    """Entropy (nats/token) of the store's unigram distribution: the loss of a model that ignores context."""
+    ids = store.read(0, min(store.n_tokens, max_tokens))
+    p = np.bincount(ids).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())

@@ -246,6 +246,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     data = prepare_run_data(cfg, workdir, log)
     pad = data.tokenizer.pad_id
     src = make_source(data.train_url, cfg.data.format, t.seq_len, pad, cfg.data.truncate)
+    if lead:
+        from mathlm.data.store import unigram_entropy
+        h1 = unigram_entropy(src.store)
+        log(f"training data: unigram entropy {h1:.3f} nats/token (the loss of a context-free model)")
     if src.truncated:
         log(f"[yellow]{src.truncated} training examples are longer than {t.seq_len + 1} tokens; truncated")
 
