@@ -44,5 +44,6 @@ def train(
         last = run_train(cfg, wd, show_progress=not no_progress)
         if last.get("preempted"):
             return
-        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
-        typer.echo(f"done: {wd} " + json.dumps(summary))
+        keys = ("loss", "eval/loss", "eval/ppl", "eval/bpb", "tokens_per_sec")
+        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
+        typer.echo(f"done: step {last['step']} in {wd}: {summary}")

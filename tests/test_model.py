@@ -98,3 +98,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert out.dtype == jnp.float32
     ref = _model()(jnp.zeros((1, 4), jnp.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.05)
+
+
+def test_remat_changes_memory_not_results():
+    x = jax.random.randint(jax.random.key(4), (2, 12), 0, 97)
+
+    def loss_and_grads(model):
+        g, p = nnx.split(model, nnx.Param)
+        f = lambda p: jnp.mean(nnx.merge(g, p)(x) ** 2)
+        return jax.value_and_grad(f)(p)
+
+    (la, ga), (lb, gb) = loss_and_grads(_model()), loss_and_grads(_model(remat=True))
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
