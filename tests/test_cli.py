@@ -128,3 +128,11 @@ def test_sigterm_saves_and_resume_continues(corpus, tmp_path):
     assert f"resuming from step {saved}" in resumed.stderr
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(1, saved + 3))  # no step lost, none logged twice
+
+
+def test_resume_with_an_incompatible_config(corpus, tmp_path):
+    ok = runner.invoke(app, ["train", CONFIG, *tiny_overrides(corpus, "train.steps=1"), "-w", str(tmp_path / "a"),
+                             "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    _fails_with(["train", CONFIG, *tiny_overrides(corpus, "train.steps=2", "model.d_ff=96"),
+                 "-w", str(tmp_path / "a")], "does not fit this config")

@@ -55,6 +55,9 @@ class Checkpointer:
             params=ocp.args.StandardRestore(flatten(_abstract(params_like, params_shardings))),
             opt=ocp.args.StandardRestore(flatten(_abstract(opt_like, opt_shardings))),
             data=ocp.args.JsonRestore())
+        for item, like in (("params", params_like), ("opt", opt_like)):
+            _check_shapes(self.mgr, step, item, flatten(like), f"{self.directory} (step {step})",
+                          hint="; it does not fit this config: use a new --workdir or the run's own config")
         out = self.mgr.restore(step, args=args)
         return unflatten(params_like, out["params"]), unflatten(opt_like, out["opt"]), out["data"]
 
@@ -64,6 +67,23 @@ class Checkpointer:
     def close(self) -> None:
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+def _check_shapes(mgr, step: int, item: str, want: dict, where: str, hint: str = "") -> None:
+    """Compare stored shapes with the model's before restoring, so a mismatch names the weight."""
+    meta = mgr.item_metadata(step)
+    stored = meta[item] if meta is not None and item in meta else None
+    if stored is None:
+        return
+    stored = dict(stored)
+    missing = sorted(set(want) - set(stored))
+    if missing:
+        raise CheckpointError(f"{where}: checkpoint lacks {missing[0]} ({len(missing)} missing){hint}")
+    for k, leaf in want.items():
+        have = tuple(getattr(stored[k], "shape", ()))
+        if have != tuple(leaf.shape):
+            raise CheckpointError(f"{where}: weight {k} has shape {have} in the checkpoint but the model "
+                                  f"needs {tuple(leaf.shape)}{hint}")
 
 
 def resolve(path: str) -> tuple[pathlib.Path, int]:
@@ -84,19 +104,7 @@ def load_params(path: str, params_like, shardings):
     """Params only (for `model.init_from`), with a shape check that names the first mismatching weight."""
     directory, step = resolve(path)
     with ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}) as mgr:
-        meta = mgr.item_metadata(step)
-        stored = meta["params"] if meta is not None and "params" in meta else None
-        want = flatten(params_like)
-        if stored is not None:
-            stored = dict(stored)
-            missing = sorted(set(want) - set(stored))
-            if missing:
-                raise CheckpointError(f"{path}: checkpoint lacks weight {missing[0]} ({len(missing)} missing)")
-            for k, leaf in want.items():
-                have = tuple(getattr(stored[k], "shape", ()))
-                if have != tuple(leaf.shape):
-                    raise CheckpointError(f"{path}: weight {k} has shape {have} in the checkpoint but the model "
-                                          f"needs {tuple(leaf.shape)}")
+        _check_shapes(mgr, step, "params", flatten(params_like), path)
         target = flatten(_abstract(params_like, shardings))
         out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     return unflatten(params_like, out["params"]), step
