@@ -6,6 +6,14 @@ covers the real vocabulary only, so a model can never predict the mask.
 
 Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H // K, Dh head dim, F ffn dim, V vocab.
 Parallelism is applied outside this file (models/sharding.py maps each weight to mesh axes).
+
+Two hand-written backward passes (custom VJPs; forward values are the plain ops, gradients equal autodiff's up to
+float rounding) make training on XLA:CPU much faster (numbers in docs/benchmarks.md):
+  - `_linear`, every Linear's matmul: the weight gradient is one 2-D GEMM, (B*T, D)^T @ (B*T, F). Autodiff's
+    version contracts over two batch dims, which XLA:CPU lowered to a copy-transpose of the cotangent plus a slow
+    generic dot (2-3x slower for the output head).
+  - `_attend`, softmax attention: saves only the probabilities and computes dlogits = p * (dp - sum(dp * p)),
+    instead of differentiating through the masked exp/sum/divide (one fused pass instead of several).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,40 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+@jax.custom_vjp
+def _linear(x, w):
+    """x (..., D) @ w (D, F), exactly the dot nnx.Linear computes; the backward is shaped for fast GEMMs."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _linear_fwd(x, w):
+    return _linear(x, w), (x, w)
+
+
+def _linear_bwd(res, g):
+    x, w = res
+    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    dw = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+    return dx, dw
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """nnx.Linear's `dot_general`: its plain (..., D) x (D, F) case goes through `_linear`, anything else to lax."""
+    if (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and precision is None
+            and preferred_element_type is None and kw.get("out_sharding") is None):
+        return _linear(lhs, rhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kw)
+
+
+def _dense(i: int, o: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dtype, dot_general=_dot_general,
+                      rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
@@ -97,12 +140,38 @@ def attention_mask(segment_ids, causal: bool):
     return same_doc[:, None, None]
 
 
+@jax.custom_vjp
+def _attend(q, k, v, mask):
+    """Softmax attention, q (B, T, K, G, Dh), k/v (B, S, K, Dh), mask (B, 1, 1, T, S) -> (B, T, K, G, Dh)."""
+    return _attend_fwd(q, k, v, mask)[0]
+
+
+def _attend_fwd(q, k, v, mask):
+    # Plain einsum attention: measured faster than jax.nn.dot_product_attention on the XLA CPU backend.
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v), (q, k, v, probs)
+
+
+def _attend_bwd(res, dout):
+    q, k, v, p = res
+    dv = jnp.einsum("bkgts,btkgd->bskd", p, dout)
+    dp = jnp.einsum("btkgd,bskd->bkgts", dout, v).astype(jnp.float32)
+    p32 = p.astype(jnp.float32)  # masked entries have p == 0, so their gradient is 0 as with the `where`
+    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True)) / math.sqrt(q.shape[-1])).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", ds, k), jnp.einsum("bkgts,btkgd->bskd", ds, q), dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
-        lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dt, rngs=rngs)
+        lin = lambda i, o, std: _dense(i, o, std, dt, rngs)
         self.q = lin(d, cfg.n_heads * dh, 0.02)
         self.k = lin(d, cfg.n_kv_heads * dh, 0.02)
         self.v = lin(d, cfg.n_kv_heads * dh, 0.02)
@@ -116,12 +185,7 @@ class Attention(nnx.Module):
         q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, cfg.rope_theta)
         k = rope(self.k(x).reshape(b, t, kv, dh), positions, cfg.rope_theta)
         v = self.v(x).reshape(b, t, kv, dh)
-        # Plain einsum attention: measured faster than jax.nn.dot_product_attention on the XLA CPU backend.
-        q = q.reshape(b, t, kv, g, dh)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(dh)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.n_heads * dh)
+        out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
         return self.o(out)
 
 
@@ -129,7 +193,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         dt = jnp.dtype(cfg.dtype)
-        lin = lambda i, o, std: nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dt, rngs=rngs)
+        lin = lambda i, o, std: _dense(i, o, std, dt, rngs)
         self.gate = lin(d, f, 0.02)
         self.up = lin(d, f, 0.02)
         self.down = lin(f, d, 0.02 / math.sqrt(2 * cfg.n_layers))
@@ -159,8 +223,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=_normal(0.02),
-                                      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+            self.lm_head = _dense(cfg.d_model, cfg.vocab_size, 0.02, jnp.dtype(cfg.dtype), rngs)
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens (B, T) int32 -> logits (B, T, V) float32 over the real vocabulary."""
