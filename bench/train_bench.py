@@ -7,8 +7,8 @@
 
 What one "step" is, identically for both frameworks: forward, token cross-entropy (mean over B*T), backward,
 global-norm gradient clipping at 1.0 and an AdamW update (b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on
-matrices). mathlm runs `mathlm.train.trainer.build(cfg).step_fn` (objective causal_lm, which also computes an
-accuracy metric); torch runs LlamaForCausalLM(attn_implementation="eager", float32, no biases, untied
+matrices; lr 3e-4, no warm-up). mathlm runs `mathlm.train.trainer.build(cfg).step_fn` (objective causal_lm,
+which also computes an accuracy metric); torch runs LlamaForCausalLM(attn_implementation="eager", float32, no biases, untied
 embeddings, same rope theta) + F.cross_entropy + clip_grad_norm_ + torch.optim.AdamW (default implementation).
 The batch is random tokens, one document per row (causal mask only), loss on every position.
 
@@ -78,26 +78,45 @@ def _mathlm_config(name: str, dtype: str, batch: int | None):
                  f"model.n_kv_heads={kv}", f"model.d_ff={f}", f"model.max_seq_len={t}", f"model.dtype={dtype}",
                  f"model.rope_theta={ROPE_THETA}", "model.mask_token=false", "model.tie_embeddings=false",
                  "model.remat=false", f"train.seq_len={t}", f"train.batch_size={batch or b}",
-                 "train.micro_batches=1", "train.steps=1000", "train.warmup_steps=10", "mesh.distributed='off'",
+                 "train.micro_batches=1", "train.steps=1000", "train.warmup_steps=0", "mesh.distributed='off'",
                  "mesh.data=1"]
     return load_config(None, overrides)
 
 
-def _timed(step, warmup: int, steps: int) -> list[float]:
+def _busy_s() -> float:
+    """CPU seconds all processes on this machine have used (from /proc/stat), or 0.0 where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v[:3]) + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _timed(step, warmup: int, steps: int, out: dict) -> list[float]:
+    """Run `warmup` untimed steps, then time `steps` steps; record in `out` how busy *other* processes were."""
     for _ in range(warmup):
         step()
     times = []
+    busy0, own0, wall0 = _busy_s(), os.times(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    busy1, own1, wall = _busy_s(), os.times(), time.perf_counter() - wall0
+    own = own1.user + own1.system - own0.user - own0.system
+    # Other processes' CPU use during the timed steps, in cores: > ~0.1 means the timings are contended.
+    out["other_cores"] = max((busy1 - busy0) - own, 0.0) / wall if busy0 else None
+    out["cpu_s_per_step"] = own / steps
     return times
 
 
 def worker_peak(args) -> dict:
     import jax
     from mathlm.train.runtime import measured_matmul_peak
-    return {"peak_flops": measured_matmul_peak("float32"), "jax": jax.__version__,
+    # The same measurement as the trainer's, with best of 50 rather than 10 repetitions (robust to a busy machine).
+    peak = getattr(measured_matmul_peak, "__wrapped__", measured_matmul_peak)("float32", 1024, 50)
+    return {"peak_flops": peak, "jax": jax.__version__,
             "jax_devices": [str(d) for d in jax.devices()]}
 
 
@@ -134,11 +153,12 @@ def worker_mathlm(args) -> dict:
     t0 = time.perf_counter()
     step()  # first call compiles
     compile_s = time.perf_counter() - t0
-    times = _timed(step, max(args.warmup - 1, 0), args.steps)
-    out = {"times": times, "compile_s": compile_s, "tokens_per_step": b * t, "rss_import_kib": rss_import,
+    out = {}
+    times = _timed(step, max(args.warmup - 1, 0), args.steps, out)
+    out.update({"times": times, "compile_s": compile_s, "tokens_per_step": b * t, "rss_import_kib": rss_import,
            "flops_per_token": flops_per_token(cfg.model, t), "params": cfg.model.param_count(),
            "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "batch": b, "seq": t,
-           "dtype": cfg.model.dtype, "device": str(jax.devices()[0]), "jax": jax.__version__}
+           "dtype": cfg.model.dtype, "device": str(jax.devices()[0]), "jax": jax.__version__})
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
@@ -182,8 +202,9 @@ def worker_torch(args) -> dict:
     t0 = time.perf_counter()
     step()
     first_s = time.perf_counter() - t0
-    times = _timed(step, max(args.warmup - 1, 0), args.steps)
-    return {"times": times, "compile_s": first_s, "tokens_per_step": b * t, "rss_import_kib": rss_import,
+    out = {}
+    times = _timed(step, max(args.warmup - 1, 0), args.steps, out)
+    return {**out, "times": times, "compile_s": first_s, "tokens_per_step": b * t, "rss_import_kib": rss_import,
             "params": sum(p.numel() for p in model.parameters()), "loss_first": losses[0], "loss_last": losses[-1],
             "batch": b, "seq": t, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
@@ -285,7 +306,7 @@ def main(argv=None) -> int:
         if "error" in pk:
             print(pk["error"])
             return 1
-        peak, peak_src = pk["peak_flops"], "measured fp32 matmul peak (1024^3 jnp.matmul, best of 10)"
+        peak, peak_src = pk["peak_flops"], "measured fp32 matmul peak (measured_matmul_peak: 1024^3 jnp.matmul, best of 50)"
         info["jax"] = pk["jax"]
     print(f"peak: {peak / 1e9:.1f} GFLOP/s [{peak_src}]")
     print("MFU = tokens/s * (6*N + 12*n_layers*n_heads*head_dim*T) / peak   "
@@ -307,7 +328,7 @@ def main(argv=None) -> int:
 
     # ---- table
     head = f"{'config':<7}{'framework':<10}{'dtype':<9}{'B x T':>11}{'step ms':>10}{'tokens/s':>11}{'MFU':>8}" \
-           f"{'peak RSS':>11}{'RSS@import':>12}{'first step s':>13}{'loss0->last':>16}"
+           f"{'peak RSS':>11}{'RSS@import':>12}{'first step s':>13}{'loss0->last':>16}{'busy':>6}"
     if args.gpu:
         head += f"{'dev peak':>11}"
     print(head)
@@ -320,11 +341,16 @@ def main(argv=None) -> int:
                 f"{r['step_s_median'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
                 f"{(r['mfu'] or 0) * 100:>7.1f}%{r['peak_rss_kib'] / 1024:>8.0f} MiB"
                 f"{r['rss_import_kib'] / 1024:>8.0f} MiB{r['compile_s']:>13.1f}"
-                f"{r['loss_first']:>8.3f}->{r['loss_last']:.3f}")
+                f"{r['loss_first']:>8.3f}->{r['loss_last']:.3f}"
+                f"{'' if r.get('other_cores') is None else format(r['other_cores'], '6.2f')}")
         if args.gpu:
             dev = r.get("device_peak_bytes")
             line += f"{dev / 2**30:>7.1f} GiB" if dev else f"{'-':>11}"
         print(line)
+    busy = [f"{n}/{fw}" for (n, fw), r in results.items() if (r.get("other_cores") or 0) > 0.1]
+    print("busy = CPU cores used by other processes during the timed steps (0 = a quiet machine)")
+    if busy:
+        print(f"WARNING: other processes were using the CPU during {', '.join(busy)}: those timings are contended")
     ratios = {}
     if with_torch:
         print()
