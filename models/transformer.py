@@ -42,6 +42,8 @@ class ModelConfig:
     mask_token: bool = True  # reserve embedding row `vocab_size` for a [MASK] input (diffusion models)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False
+    # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one.
+    attention: str = "auto"
     init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
 
     @property
@@ -55,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
 
@@ -166,6 +170,12 @@ def _attend_bwd(res, dout):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def _use_cudnn(cfg: ModelConfig) -> bool:
+    if cfg.attention == "auto":
+        return jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
+    return cfg.attention == "cudnn"
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -185,7 +195,13 @@ class Attention(nnx.Module):
         q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, cfg.rope_theta)
         k = rope(self.k(x).reshape(b, t, kv, dh), positions, cfg.rope_theta)
         v = self.v(x).reshape(b, t, kv, dh)
-        out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
+        if _use_cudnn(cfg):
+            # Flash attention never materialises the (T, S) scores: needed for long contexts on GPUs.
+            # The causal part goes to cuDNN's causal mode; the mask adds the document (segment) boundaries.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=cfg.causal,
+                                               implementation="cudnn").reshape(b, t, cfg.n_heads * dh)
+        else:
+            out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
         return self.o(out)
 
 
