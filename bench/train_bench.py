@@ -12,6 +12,10 @@ which also computes an accuracy metric); torch runs LlamaForCausalLM(attn_implem
 embeddings, same rope theta) + F.cross_entropy + clip_grad_norm_ + torch.optim.AdamW (default implementation).
 The batch is random tokens, one document per row (causal mask only), loss on every position.
 
+mathlm's step is compiled ahead of time (setup.step_fn.lower(...).compile(), the executable the jit would build);
+with --gpu the batch is halved until XLA's memory_analysis() of the step fits 92% of the device's bytes_limit
+(BENCH_MEM_LIMIT_GIB overrides that limit), so L uses the largest of 16, 8, 4, ... that fits the card.
+
 Timing: `--warmup` steps (compilation included) are discarded, then `--steps` steps are each timed to
 completion (jax: block_until_ready on the outputs; torch: synchronous). tokens/s = B*T / median step time.
 
@@ -120,6 +124,35 @@ def worker_peak(args) -> dict:
             "jax_devices": [str(d) for d in jax.devices()]}
 
 
+def _compile_fitting(trainer, cfg, fixed_batch: bool):
+    """Build + AOT-compile the real train step; on an accelerator, halve the batch until the step fits memory.
+
+    Compiling first and asking XLA for the step's memory (memory_analysis) avoids an out-of-memory crash.
+    """
+    import dataclasses
+
+    import jax
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+    limit = stats.get("bytes_limit")
+    if os.environ.get("BENCH_MEM_LIMIT_GIB"):  # override (testing, or to leave headroom on a shared card)
+        limit = float(os.environ["BENCH_MEM_LIMIT_GIB"]) * 2**30
+    while True:
+        setup = trainer.build(cfg)
+        lowered = setup.step_fn.lower(setup.abstract_params, setup.abstract_opt, trainer.batch_spec(cfg))
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        need = None
+        if mem is not None:
+            need = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                    + mem.temp_size_in_bytes)
+        b = cfg.train.batch_size
+        if fixed_batch or not limit or need is None or need <= 0.92 * limit or b == 1:
+            return cfg, setup, compiled, need
+        print(f"[{jax.devices()[0].device_kind}] batch {b} needs {need / 2**30:.1f} GiB of "
+              f"{limit / 2**30:.1f} GiB: trying batch {b // 2}", flush=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=b // 2))
+
+
 def worker_mathlm(args) -> dict:
     import jax
     import numpy as np
@@ -127,7 +160,8 @@ def worker_mathlm(args) -> dict:
     from mathlm.train import trainer
     from mathlm.train.runtime import flops_per_token
     cfg = _mathlm_config(args._config, "bfloat16" if args.gpu else "float32", args.batch)
-    setup = trainer.build(cfg)
+    t0 = time.perf_counter()
+    cfg, setup, step_fn, need = _compile_fitting(trainer, cfg, fixed_batch=args.batch is not None)
     params, opt = setup.init_fn(0)
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.train.seq_len
@@ -144,21 +178,21 @@ def worker_mathlm(args) -> dict:
     state = {"params": params, "opt": opt}
     losses = []
 
-    def step():
-        p, o, m = setup.step_fn(state["params"], state["opt"], batch)
+    def step():  # setup.step_fn, compiled ahead of time above (same executable the jit would build)
+        p, o, m = step_fn(state["params"], state["opt"], batch)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o
         losses.append(m["loss"])
 
-    t0 = time.perf_counter()
-    step()  # first call compiles
-    compile_s = time.perf_counter() - t0
+    step()
+    compile_s = time.perf_counter() - t0  # build + compile + init + first step
     out = {}
     times = _timed(step, max(args.warmup - 1, 0), args.steps, out)
     out.update({"times": times, "compile_s": compile_s, "tokens_per_step": b * t, "rss_import_kib": rss_import,
-           "flops_per_token": flops_per_token(cfg.model, t), "params": cfg.model.param_count(),
-           "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "batch": b, "seq": t,
-           "dtype": cfg.model.dtype, "device": str(jax.devices()[0]), "jax": jax.__version__})
+                "flops_per_token": flops_per_token(cfg.model, t), "params": cfg.model.param_count(),
+                "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "batch": b, "seq": t,
+                "dtype": cfg.model.dtype, "device": str(jax.devices()[0]), "jax": jax.__version__,
+                "xla_step_bytes": need})
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
