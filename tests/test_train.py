@@ -105,3 +105,15 @@ def test_sft_from_pretrained_run(corpus, tmp_path):
     out = train(cfg, tmp_path / "sft", show_progress=False)
     assert out["step"] == 3 and np.isfinite(out["loss"])
     assert (tmp_path / "sft" / "tokenizer.json").is_file() and (tmp_path / "sft" / "config.yaml").is_file()
+
+
+def test_dry_run_reports_sharded_memory(corpus):
+    """FSDP over 8 devices: params and Adam moments are both split 8 ways (moments = 2x params per device)."""
+    from mathlm.train.trainer import dry_run
+    one = dry_run(load_config(None, tiny_overrides(corpus, "mesh.data=8")))
+    fsdp = dry_run(load_config(None, tiny_overrides(corpus, "mesh.data=1", "mesh.fsdp=8")))
+    assert one["params"] == fsdp["params"] and one["flops_per_step_model"] > 0
+    assert fsdp["bytes_params_per_device"] * 7 < one["bytes_params_per_device"]  # norm scales stay replicated
+    counters = 64  # a few int32 step counts (optax chain members), replicated
+    assert abs(fsdp["bytes_opt_state_per_device"] - 2 * fsdp["bytes_params_per_device"]) <= counters
+    assert fsdp["bytes_step_temp_per_device"] > 0

@@ -65,6 +65,24 @@ def batch_spec(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
 
 # ----------------------------------------------------------------------------- 1-4: runtime, model, optimizer, step
 
+def _mirror_param_shardings(state, params, params_sh, replicated):
+    """Shard each optimizer-state leaf like the param whose path it ends with (Adam's mu/nu); others replicate.
+
+    (optax.tree_map_params cannot see through the MaskedNodes that frozen weights leave in the state.)
+    """
+    by_path = {jax.tree_util.keystr(p): (leaf.shape, sh) for (p, leaf), sh in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params_sh))}
+
+    def one(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, (shape, sh) in by_path.items():
+            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
 def build(cfg: Config, frozen=None) -> Setup:
     maybe_initialize_distributed(cfg.mesh)
     mesh = make_mesh(cfg.mesh)
@@ -92,11 +110,11 @@ def build(cfg: Config, frozen=None) -> Setup:
         return {"state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
 
-    # The optimizer state's shardings follow from the params' by XLA propagation; read them off the compiled init.
+    # Optimizer moments are sharded exactly like the params they belong to; counters are replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_compiled = jax.jit(opt_init, in_shardings=(params_sh, replicated)).lower(abstract_params, 0).compile()
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated,
-                          opt_compiled.output_shardings)
+    state_sh = _mirror_param_shardings(jax.eval_shape(tx.init, abstract_params), abstract_params, params_sh,
+                                       replicated)
+    opt_sh = {"state": state_sh, "step": replicated, "rng": replicated}
     abstract_opt = jax.eval_shape(opt_init, abstract_params, 0)
 
     def _init(seed):
