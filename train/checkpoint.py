@@ -8,7 +8,6 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from mathlm.models.sharding import path_str
@@ -109,6 +108,3 @@ def load_params(path: str, params_like, shardings):
         out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     return unflatten(params_like, out["params"]), step
 
-
-def to_numpy(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -14,7 +14,6 @@ import dataclasses
 import math
 import pathlib
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
