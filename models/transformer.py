@@ -36,6 +36,13 @@ class ModelConfig:
     d_ff: int = 704
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # Llama 3.1 RoPE frequency scaling ("llama3") with its four parameters; None = plain RoPE.
+    rope_scaling: str | None = None
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); o and the MLP never have one
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     causal: bool = True
@@ -59,12 +66,15 @@ class ModelConfig:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
+        if self.rope_scaling not in (None, "llama3"):
+            raise ValueError(f"model.rope_scaling must be null or llama3, got {self.rope_scaling!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     def param_count(self, embeddings: bool = True) -> int:
         d, f, dh = self.d_model, self.d_ff, self.head_dim
         attn = d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
+        attn += dh * (self.n_heads + 2 * self.n_kv_heads) if self.attention_bias else 0
         block = attn + 3 * d * f + 2 * d
         n = self.n_layers * block + d
         if embeddings:
@@ -106,8 +116,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
                            preferred_element_type=preferred_element_type, **kw)
 
 
-def _dense(i: int, o: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=False, kernel_init=_normal(std), dtype=dtype, dot_general=_dot_general,
+def _dense(i: int, o: int, std: float, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=bias, kernel_init=_normal(std), dtype=dtype, dot_general=_dot_general,
                       rngs=rngs)
 
 
@@ -123,10 +133,26 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies (Dh/2,), with Llama 3.1's scaling when configured (as transformers computes them)."""
+    dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if cfg.rope_scaling == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated smoothly.
+        low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope(x, positions, inv_freq):
     """Rotary embedding in the rotate-half layout used by Hugging Face Llama (weights convert 1:1)."""
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, Dh/2)
     cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
@@ -181,20 +207,28 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
-        lin = lambda i, o, std: _dense(i, o, std, dt, rngs)
-        self.q = lin(d, cfg.n_heads * dh, 0.02)
-        self.k = lin(d, cfg.n_kv_heads * dh, 0.02)
-        self.v = lin(d, cfg.n_kv_heads * dh, 0.02)
+        lin = lambda i, o, std, bias=False: _dense(i, o, std, dt, rngs, bias)
+        self.q = lin(d, cfg.n_heads * dh, 0.02, cfg.attention_bias)
+        self.k = lin(d, cfg.n_kv_heads * dh, 0.02, cfg.attention_bias)
+        self.v = lin(d, cfg.n_kv_heads * dh, 0.02, cfg.attention_bias)
         # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the residual stream does not grow with depth.
         self.o = lin(cfg.n_heads * dh, d, 0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, kv_cache=None, index=None):
+        """With `kv_cache` = (k, v) of shape (B, S, K, Dh), this call's keys/values are written at slot `index`
+        and the queries attend over the whole cache (under `mask`); returns (out, new kv_cache)."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv, g, dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, cfg.rope_theta)
-        k = rope(self.k(x).reshape(b, t, kv, dh), positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, inv_freq)
+        k = rope(self.k(x).reshape(b, t, kv, dh), positions, inv_freq)
         v = self.v(x).reshape(b, t, kv, dh)
+        if kv_cache is not None:
+            k = lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, index, 0, 0))
+            v = lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, index, 0, 0))
+            out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
+            return self.o(out), (k, v)
         if _use_cudnn(cfg):
             # Flash attention never materialises the (T, S) scores: needed for long contexts on GPUs.
             # The causal part goes to cuDNN's causal mode; the mask adds the document (segment) boundaries.
@@ -225,9 +259,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask):
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, mask, kv_cache=None, index=None):
+        if kv_cache is None:
+            x = x + self.attn(self.attn_norm(x), positions, mask)
+            return x + self.mlp(self.mlp_norm(x))
+        h, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, index)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv_cache
 
 
 class Transformer(nnx.Module):
@@ -256,8 +294,50 @@ class Transformer(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
             else:
                 x = block(x, positions, mask)
+        return self._head(x)
+
+    def _head(self, x):
+        cfg = self.cfg
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             head = self.embed.embedding[...][: cfg.vocab_size].astype(x.dtype)
             return jnp.einsum("btd,vd->btv", x, head).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+    # --- incremental decoding (causal models only) ---------------------------------------------------------------
+    # The cache has a fixed number of slots S; every row of the batch writes the same slot index, so ragged
+    # prompts are left-padded and `valid` marks the padding slots that no query may attend to.
+
+    def init_cache(self, batch: int, slots: int) -> dict:
+        cfg = self.cfg
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
+        return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, slots), bool),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def extend(self, tokens, positions, valid, cache: dict, last_only: bool = False):
+        """Run `tokens` (B, T) at cache slots [index, index + T): returns (logits, cache).
+
+        positions (B, T) are RoPE positions (they skip left padding); valid (B, T) is False on padding.
+        With last_only the head runs on the final slot only: (B, 1, V), all a sampler needs after a prefill.
+        """
+        cfg = self.cfg
+        if not cfg.causal:
+            raise ValueError("incremental decoding needs a causal model")
+        t = tokens.shape[1]
+        index = cache["index"]
+        slot_valid = lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+        query_slot = index + jnp.arange(t)
+        key_slot = jnp.arange(slot_valid.shape[1])
+        mask = (key_slot[None, :] <= query_slot[:, None])[None] & slot_valid[:, None, :]
+        mask = mask[:, None, None]  # (B, 1, 1, T, S)
+        x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+        ks, vs = [], []
+        for block, k, v in zip(self.blocks, cache["k"], cache["v"]):
+            x, (k, v) = block(x, positions, mask, (k, v), index)
+            ks.append(k)
+            vs.append(v)
+        if last_only:
+            x = x[:, -1:]
+        new_cache = {"k": tuple(ks), "v": tuple(vs), "valid": slot_valid, "index": index + t}
+        return self._head(x), new_cache
