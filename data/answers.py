@@ -26,8 +26,11 @@ from __future__ import annotations
 import atexit
 import decimal
 import functools
-import multiprocessing
+import multiprocessing.connection as mpc
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -256,52 +259,59 @@ def _math_verify_equal(reference: str, candidate: str, timeout_s: int) -> bool:
 # ---------------------------------------------------------------- the worker process
 
 class _Worker:
-    """One spawned process that runs picklable calls sent over a pipe."""
+    """A child interpreter (`python -c`, not multiprocessing: spawn would re-run an unguarded __main__ script)
+    that runs picklable calls sent over a pair of pipes."""
 
     def __init__(self):
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once JAX/XLA threads exist
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="mathlm-grader")
-        self.process.start()
-        child.close()
-        try:  # the worker's imports are not part of any call's timeout
-            ready = self.conn.poll(120) and self.conn.recv() == "ready"
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        code = f"from mathlm.data.answers import _serve; _serve({to_child_r}, {from_child_w})"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w),
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.send = mpc.Connection(to_child_w, readable=False)
+        self.recv = mpc.Connection(from_child_r, writable=False)
+        try:  # the child's imports are not part of any call's timeout
+            ready = self.recv.poll(120) and self.recv.recv() == "ready"
         except EOFError:  # it died while importing (math-verify missing?)
             ready = False
         if not ready:
             self.close()
-            raise RuntimeError("the grading worker process did not start")
+            raise RuntimeError("the grading worker process did not start (is math-verify installed?)")
 
     def call(self, fn, args, timeout_s: float):
-        self.conn.send((fn, args))
-        if not self.conn.poll(timeout_s):
+        self.send.send((fn, args))
+        if not self.recv.poll(timeout_s):
             raise TimeoutError(f"{getattr(fn, '__name__', fn)} took longer than {timeout_s:g}s")
-        ok, value = self.conn.recv()
+        ok, value = self.recv.recv()
         if not ok:
             raise value
         return value
 
     def close(self):
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-        self.conn.close()
+        self.process.kill()
+        self.process.wait()
+        self.send.close()
+        self.recv.close()
 
 
-def _serve(conn) -> None:
+def _serve(recv_fd: int, send_fd: int) -> None:
     import math_verify  # noqa: F401 - pay the import before reporting ready
 
-    conn.send("ready")
+    recv, send = mpc.Connection(recv_fd, writable=False), mpc.Connection(send_fd, readable=False)
+    send.send("ready")
     while True:
         try:
-            fn, args = conn.recv()
-        except EOFError:
+            fn, args = recv.recv()
+        except EOFError:  # the parent closed the pipe or exited
             return
         try:
             reply = (True, fn(*args))
-        except Exception as e:  # noqa: BLE001 - sent back and re-raised in the parent
+        except Exception as e:  # noqa: BLE001 - re-raised in the parent
             reply = (False, RuntimeError(f"{type(e).__name__}: {e}"))
-        conn.send(reply)
+        send.send(reply)
 
 
 _worker: _Worker | None = None
@@ -316,7 +326,7 @@ def _call_in_worker(fn, args: tuple, timeout_s: float):
             _worker = _Worker()
         try:
             return _worker.call(fn, args, timeout_s)
-        except (TimeoutError, EOFError, BrokenPipeError, ConnectionResetError) as e:
+        except (TimeoutError, EOFError, OSError) as e:
             _worker.close()
             _worker = None
             if isinstance(e, TimeoutError):
