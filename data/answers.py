@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import decimal
 import functools
+import logging
 import multiprocessing.connection as mpc
 import os
 import re
@@ -41,6 +42,7 @@ MINERVA_RE = re.compile(r"Final Answer: The final answer is(.*?)\. I hope it is 
 _MINERVA_END = "I hope it is correct."
 
 SYMBOLIC_TIMEOUT_S = 5
+_log = logging.getLogger(__name__)
 
 
 def extract_strict(text: str) -> str | None:
@@ -126,7 +128,7 @@ def parse_number(text: str, drop_all_commas: bool = True) -> decimal.Decimal | N
 
 
 def canonical_number(value: decimal.Decimal) -> str:
-    """"18.00" -> "18", "1E+3" -> "1000": one spelling per value."""
+    """One spelling per value: "18.00" -> "18", "1E+3" -> "1000"."""
     text = format(value.normalize(), "f")
     return "0" if text in ("-0", "+0") else text
 
@@ -243,7 +245,8 @@ def symbolic_equal(reference: str, candidate: str, timeout_s: int = SYMBOLIC_TIM
     hang grading."""
     try:
         return bool(_call_in_worker(_math_verify_equal, (reference, candidate, timeout_s), 3 * timeout_s + 1))
-    except TimeoutError:
+    except (TimeoutError, GradingWorkerError) as e:  # one odd answer must not stop an evaluation
+        _log.warning("symbolic check of %r against %r failed (%s); graded wrong", candidate, reference, e)
         return False
 
 
@@ -258,6 +261,10 @@ def _math_verify_equal(reference: str, candidate: str, timeout_s: int) -> bool:
 
 # ---------------------------------------------------------------- the worker process
 
+class GradingWorkerError(RuntimeError):
+    """A call in the grading worker raised, or the worker died during it."""
+
+
 class _Worker:
     """A child interpreter (`python -c`, not multiprocessing: spawn would re-run an unguarded __main__ script)
     that runs picklable calls sent over a pair of pipes."""
@@ -267,6 +274,7 @@ class _Worker:
         from_child_r, from_child_w = os.pipe()
         code = f"from mathlm.data.answers import _serve; _serve({to_child_r}, {from_child_w})"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.owner_pid = os.getpid()
         self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         os.close(to_child_r)
@@ -287,7 +295,7 @@ class _Worker:
             raise TimeoutError(f"{getattr(fn, '__name__', fn)} took longer than {timeout_s:g}s")
         ok, value = self.recv.recv()
         if not ok:
-            raise value
+            raise GradingWorkerError(value)
         return value
 
     def close(self):
@@ -310,7 +318,7 @@ def _serve(recv_fd: int, send_fd: int) -> None:
         try:
             reply = (True, fn(*args))
         except Exception as e:  # noqa: BLE001 - re-raised in the parent
-            reply = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+            reply = (False, f"{type(e).__name__}: {e}")
         send.send(reply)
 
 
@@ -322,7 +330,7 @@ def _call_in_worker(fn, args: tuple, timeout_s: float):
     """Run fn(*args) in the worker; on timeout (or a dead worker) kill it, so the next call gets a fresh one."""
     global _worker
     with _worker_lock:
-        if _worker is None:
+        if _worker is None or _worker.owner_pid != os.getpid():  # a forked child must not share our pipes
             _worker = _Worker()
         try:
             return _worker.call(fn, args, timeout_s)
@@ -331,12 +339,12 @@ def _call_in_worker(fn, args: tuple, timeout_s: float):
             _worker = None
             if isinstance(e, TimeoutError):
                 raise
-            raise RuntimeError("the grading worker process died") from e
+            raise GradingWorkerError("the grading worker process died") from e
 
 
 @atexit.register
 def _stop_worker() -> None:
     global _worker
-    if _worker is not None:
+    if _worker is not None and _worker.owner_pid == os.getpid():
         _worker.close()
         _worker = None
