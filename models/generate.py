@@ -189,14 +189,19 @@ def _cut(row: np.ndarray, eos_id: int) -> list[int]:
 
 
 def greedy_reference(model: Transformer, prompt: Sequence[int], max_new_tokens: int, eos_id: int) -> list[int]:
-    """Greedy decoding by full recomputation, no cache: the slow reference the cached path is tested against."""
-    ids = list(prompt)
+    """Greedy decoding by full recomputation, no cache: the slow reference the cached path is tested against.
+
+    Each step runs the whole sequence again; it sits right-padded in a fixed-length buffer (causal attention never
+    looks at the padding) so one compiled forward serves every step."""
+    length = _bucket_len(len(prompt) + max_new_tokens)
+    forward = jax.jit(lambda tokens: model(tokens)[0])
+    ids = np.zeros((1, length), np.int32)
+    ids[0, : len(prompt)] = prompt
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(jnp.asarray([ids], jnp.int32))[0, -1]
-        tok = int(jnp.argmax(logits))
+    for t in range(len(prompt), len(prompt) + max_new_tokens):
+        tok = int(jnp.argmax(forward(jnp.asarray(ids))[t - 1]))
         if tok == eos_id:
             break
         new.append(tok)
-        ids.append(tok)
+        ids[0, t] = tok
     return new

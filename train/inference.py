@@ -1,0 +1,101 @@
+"""Text in, text out: load a run onto a mesh, batch prompts through the Generator, cut completions at stop strings.
+
+Used by `mathlm generate` and `mathlm eval`. The mesh for inference is data-parallel over every device by default
+(weights replicated, batch rows split); `fsdp > 1` shards the weights too, for models that do not fit one device.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mathlm.data.tokenizer import Tokenizer
+from mathlm.models.generate import Generator, Sampling
+from mathlm.train.checkpoint import CheckpointError
+from mathlm.train.config import MeshConfig
+from mathlm.train.runs import LoadedRun, load_run
+from mathlm.train.runtime import make_mesh
+
+
+@dataclasses.dataclass
+class Engine:
+    run: LoadedRun
+    generator: Generator
+    batch_multiple: int  # batch rows are split over this many devices
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.run.tokenizer
+
+
+def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
+    mesh_cfg = MeshConfig(data=-1, fsdp=fsdp, tensor=1, distributed="off")
+    mesh = make_mesh(mesh_cfg)
+    run = load_run(path, mesh=mesh)
+    if not run.cfg.model.causal:
+        raise CheckpointError(f"{path} is a bidirectional (masked diffusion) model; autoregressive generation "
+                              "needs a causal model")
+    tok = run.tokenizer
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    gen = Generator(run.model, eos_id=tok.eos_id, pad_id=pad, chunk=chunk, batch_sharding=batch_sharding)
+    return Engine(run, gen, mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """Documents were trained as `<bos> text <eos>`, so a prompt starts with <bos> (when the tokenizer has one)."""
+    ids = tok.encode(text)
+    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def row_keys(seed: int, ids: Sequence[int]) -> np.ndarray:
+    """One PRNG key per sample, from (seed, sample id): a sample never depends on its batch neighbours."""
+    base = jax.random.PRNGKey(seed)
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(np.asarray(ids, np.uint32)))
+
+
+@dataclasses.dataclass
+class Completions:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+
+
+def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop: Sequence[str] = (),
+             seed: int = 0, sample_ids: Sequence[int] | None = None, batch_size: int = 16,
+             on_batch: Callable[[int], None] | None = None) -> Completions:
+    """Generate one completion per prompt, in batches of `batch_size` (rounded up to the device count).
+
+    Prompts are sorted by length so that each batch pads little; results come back in the input order."""
+    tok = engine.tokenizer
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
+    keys = row_keys(seed, ids)
+    b = -(-batch_size // engine.batch_multiple) * engine.batch_multiple
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(prompts)
+    new_tokens, seconds = 0, 0.0
+    for start in range(0, len(order), b):
+        rows = order[start: start + b]
+
+        def is_done(r: int, new: list[int], rows=rows) -> bool:
+            return bool(stop) and cut_at_stop(tok.decode(new), stop)[1]
+
+        out = engine.generator([encoded[i] for i in rows], sampling, keys[rows], is_done=is_done if stop else None,
+                               pad_batch_to=b)
+        for i, new in zip(rows, out.tokens):
+            texts[i] = cut_at_stop(tok.decode(new), stop)[0]
+        new_tokens += out.new_tokens
+        seconds += out.seconds
+        if on_batch:
+            on_batch(len(rows))
+    return Completions(texts, new_tokens, seconds)
+
