@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from mathlm.cli import data as data_cmd
+from mathlm.cli import eval as eval_cmd
 from mathlm.cli import generate as generate_cmd
 from mathlm.cli import train as train_cmd
 
@@ -12,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command(name="train", no_args_is_help=True)(train_cmd.train)
 app.command(name="generate", no_args_is_help=True)(generate_cmd.generate)
+app.add_typer(eval_cmd.eval_app, name="eval")
 app.add_typer(data_cmd.data_app, name="data")
 app.add_typer(data_cmd.tokenizer_app, name="tokenizer")
 

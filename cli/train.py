@@ -47,3 +47,5 @@ def train(
         keys = ("loss", "eval/loss", "eval/ppl", "eval/bpb", "tokens_per_sec")
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
         typer.echo(f"done: step {last['step']} in {wd}: {summary}")
+        from mathlm.train.evaluate import evaluate_after_training
+        evaluate_after_training(cfg, wd, log=typer.echo)

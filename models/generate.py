@@ -125,21 +125,27 @@ class Generator:
 
     def __call__(self, prompts: Sequence[Sequence[int]], sampling: Sampling, keys: jax.Array | None = None,
                  is_done: Callable[[int, list[int]], bool] | None = None,
-                 pad_batch_to: int | None = None) -> Output:
+                 pad_batch_to: int | None = None, clip_to_context: bool = False) -> Output:
         """prompts: token ids per row (no padding). keys: (B, 2) uint32 PRNG keys, one per row (needed to sample).
-        is_done(row, new_tokens) -> True ends the row (checked between chunks, e.g. for stop strings)."""
+        is_done(row, new_tokens) -> True ends the row (checked between chunks, e.g. for stop strings).
+        clip_to_context: shorten max_new_tokens to what the context leaves after the longest prompt, instead of
+        raising."""
         sampling.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         n_real = len(prompts)
         b = max(n_real, pad_batch_to or 0)
         longest = max(len(p) for p in prompts)
+        n_slots_for = sampling.max_new_tokens  # shapes follow the requested budget, not the clipped one
+        room = self.cfg.max_seq_len - longest
+        if clip_to_context and 0 < room < sampling.max_new_tokens:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
         if longest + sampling.max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the "
                              f"model's context of {self.cfg.max_seq_len}")
         p_len = _bucket_len(longest)
-        chunk = self.chunk if is_done is not None else sampling.max_new_tokens
-        n_slots = _round_up(sampling.max_new_tokens, chunk)
+        chunk = self.chunk if is_done is not None else n_slots_for
+        n_slots = _round_up(n_slots_for, chunk)
         tokens = np.full((b, p_len), self.pad_id, np.int32)
         valid = np.zeros((b, p_len), bool)
         for i, p in enumerate(list(prompts) + [prompts[0]] * (b - n_real)):  # filler rows repeat row 0
@@ -163,11 +169,12 @@ class Generator:
         state = {"logits": logits, "cache": cache, "out": put(np.full((b, n_slots), self.pad_id, np.int32)),
                  "done": put(done), "pos": put(positions[:, -1] + 1), "keys": put(keys),
                  "step": jnp.zeros((), jnp.int32), "n_new": jnp.zeros((), jnp.int32)}
+        rule = dataclasses.replace(sampling, max_new_tokens=1)  # the static part: one compile for any budget
         stopped = np.zeros((b,), bool)
         stop_step = np.full((b,), n_slots)
         for stop_at in range(chunk, sampling.max_new_tokens + chunk, chunk):
             stop_at = min(stop_at, sampling.max_new_tokens)
-            state = self._decode(self.params, state, jnp.int32(stop_at), sampling=sampling)
+            state = self._decode(self.params, state, jnp.int32(stop_at), sampling=rule)
             out, done, step = jax.device_get((state["out"], state["done"], state["step"]))
             if done.all() or step >= sampling.max_new_tokens:
                 break

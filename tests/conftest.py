@@ -38,6 +38,20 @@ def corpus(tmp_path_factory):
             "train": root / "train", "validation": root / "validation"}
 
 
+@pytest.fixture(scope="session")
+def tiny_run(corpus, tmp_path_factory):
+    """A run folder holding a random tiny causal model and the corpus tokenizer (no training)."""
+    from flax import nnx
+
+    from mathlm.models.transformer import Transformer
+    from mathlm.train.config import load_config
+    from mathlm.train.runs import save_params_run
+    cfg = load_config(None, TINY + ["model.max_seq_len=256", "data.synth_n=400"])
+    model = Transformer(cfg.model, nnx.Rngs(0))
+    return save_params_run(tmp_path_factory.mktemp("tiny_run") / "run", cfg,
+                           nnx.to_pure_dict(nnx.state(model, nnx.Param)), corpus["tokenizer"])
+
+
 def tiny_overrides(corpus, *extra: str) -> list[str]:
     return TINY + [f"data.train=[{corpus['train']}]", f"data.tokenizer={corpus['tokenizer']}",
                    "data.validation=null", *extra]

@@ -119,14 +119,8 @@ def test_prompt_longer_than_context_is_a_clear_error(model):
 
 
 @pytest.fixture(scope="module")
-def run_dir(corpus, tmp_path_factory):
-    from mathlm.train.config import load_config
-    from mathlm.train.runs import save_params_run
-    from conftest import TINY
-    cfg = load_config(None, TINY)
-    m = Transformer(cfg.model, nnx.Rngs(0))
-    return save_params_run(tmp_path_factory.mktemp("gen") / "run", cfg, nnx.to_pure_dict(nnx.state(m, nnx.Param)),
-                           corpus["tokenizer"])
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_generate_cli_prints_completions(run_dir, tmp_path):

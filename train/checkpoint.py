@@ -102,7 +102,10 @@ def resolve(path: str) -> tuple[pathlib.Path, int]:
 def load_params(path: str, params_like, shardings):
     """Params only (for `model.init_from`), with a shape check that names the first mismatching weight."""
     directory, step = resolve(path)
-    with ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}) as mgr:
+    # Every item gets its handler (only params is restored): orbax warns about items it cannot interpret otherwise.
+    handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as mgr:
         _check_shapes(mgr, step, "params", flatten(params_like), path)
         target = flatten(_abstract(params_like, shardings))
         out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

@@ -78,12 +78,23 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # Generation tasks run on the final model after training (`mathlm train` prints their accuracy), e.g. [synth].
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    data: dict[str, str] | None = None  # task -> file, for tasks other than synth
+    limit: int | None = None  # first N problems per task
+    max_new_tokens: int = 256
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- conversion with type checks
@@ -226,6 +237,12 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from mathlm.data.tasks import TASKS
+    for task in cfg.eval.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"eval.tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if task != "synth" and not (cfg.eval.data or {}).get(task):
+            raise ConfigError(f"eval.tasks: {task} needs a file in eval.data.{task}")
 
 
 def to_dict(cfg) -> dict:

@@ -71,7 +71,7 @@ class Completions:
 
 def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop: Sequence[str] = (),
              seed: int = 0, sample_ids: Sequence[int] | None = None, batch_size: int = 16,
-             on_batch: Callable[[int], None] | None = None) -> Completions:
+             on_batch: Callable[[int], None] | None = None, clip_to_context: bool = False) -> Completions:
     """Generate one completion per prompt, in batches of `batch_size` (rounded up to the device count).
 
     Prompts are sorted by length so that each batch pads little; results come back in the input order."""
@@ -90,7 +90,7 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop
             return bool(stop) and cut_at_stop(tok.decode(new), stop)[1]
 
         out = engine.generator([encoded[i] for i in rows], sampling, keys[rows], is_done=is_done if stop else None,
-                               pad_batch_to=b)
+                               pad_batch_to=b, clip_to_context=clip_to_context)
         for i, new in zip(rows, out.tokens):
             texts[i] = cut_at_stop(tok.decode(new), stop)[0]
         new_tokens += out.new_tokens

@@ -1,0 +1,221 @@
+"""`mathlm eval`: generate answers for a math task, grade them, report accuracy, pass@k and maj@k.
+
+Reads top to bottom: problems -> prompts -> completions (n samples each) -> grades -> metrics -> files.
+Output folder: summary.json (task, model, n, settings, metrics), samples.jsonl (one line per sample) and, with
+more than one sample per problem, coverage.png (pass@k against k with the "Large Language Monkeys" fit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable
+
+from mathlm.data import answers, synth, tasks
+from mathlm.data.sources import DataError
+from mathlm.models.generate import Sampling
+from mathlm.train import scoring
+from mathlm.train.inference import Engine, complete
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    task: str
+    data: str | None = None  # a JSONL file, hf:NAME[:SPLIT], or None for the synth test split
+    shots: int | None = 0
+    style: str | None = None
+    exemplars: str | None = None
+    samples: int = 1
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    ks: tuple[int, ...] | None = None  # pass@k / maj@k; None = 1, 2, 4, ... up to samples
+
+    def resolved_ks(self) -> tuple[int, ...]:
+        if self.ks is not None:
+            return tuple(self.ks)
+        ks, k = [], 1
+        while k <= self.samples:
+            ks.append(k)
+            k *= 2
+        return tuple(ks) if ks[-1] == self.samples else tuple(ks + [self.samples])
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise DataError(f"--samples must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature == 0:
+            raise DataError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+        if self.limit is not None and self.limit < 1:
+            raise DataError(f"--limit must be >= 1, got {self.limit}")
+        try:
+            scoring.check_sample_budget(self.samples, self.resolved_ks())
+        except ValueError as e:
+            raise DataError(str(e).replace("raise the sample count", "raise --samples")) from None
+
+
+# --- problems ---------------------------------------------------------------------------------------------------
+
+def synth_test_file(engine: Engine) -> pathlib.Path:
+    """The run's own synthetic test split; regenerated (deterministically, from the run's data settings) if the
+    run folder does not have it, e.g. after copying only the checkpoint."""
+    d = engine.run.cfg.data
+    folder = engine.run.run_dir / "data" / f"synth-n{d.synth_n}-s{d.synth_seed}-k{d.synth_max_steps}"
+    if not (folder / "test.jsonl").is_file():
+        synth.write_jsonl(synth.generate(synth.SynthConfig(n=d.synth_n, seed=d.synth_seed,
+                                                           max_steps=d.synth_max_steps)), folder)
+    return folder / "test.jsonl"
+
+
+def _hf_dataset_file(name: str, out: pathlib.Path) -> pathlib.Path:
+    """hf:NAME[:CONFIG][:SPLIT] -> a local JSONL copy (needs `datasets` and the network)."""
+    parts = name[3:].split(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: reading Hugging Face datasets needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(parts[0], *parts[1:-1], split=parts[-1] if len(parts) > 1 else "test")
+    except Exception as e:  # noqa: BLE001 - any hub/network failure is the user's to fix
+        raise DataError(f"{name}: could not load ({str(e).splitlines()[0]})") from None
+    path = out / "hf_data.jsonl"
+    with open(path, "w") as f:
+        for rec in ds:
+            f.write(json.dumps(rec, default=str) + "\n")
+    return path
+
+
+def load_task_problems(engine: Engine, req: EvalRequest, out: pathlib.Path) -> list[tasks.Problem]:
+    if req.data is None:
+        if req.task != "synth":
+            raise DataError(f"--task {req.task} needs --data FILE.jsonl (or hf:NAME[:SPLIT])")
+        path = synth_test_file(engine)
+    elif req.data.startswith("hf:"):
+        path = _hf_dataset_file(req.data, out)
+    else:
+        path = pathlib.Path(req.data)
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+    problems = tasks.load_problems(path, req.task, req.limit)
+    if not problems:
+        raise DataError(f"{path}: no problems")
+    return problems
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+def compute_metrics(task: str, graded: list[list[dict]], ks: tuple[int, ...], seed: int) -> dict:
+    """graded[problem][sample] -> accuracy (mean over all samples; greedy when one sample), accuracy per
+    extractor, pass@k (Chen et al.) and maj@k (answers grouped by their canonical key)."""
+    numeric = tasks.get_task(task).numeric
+    flat = [g for row in graded for g in row]
+    metrics = {"accuracy": sum(g["correct"] for g in flat) / len(flat)}
+    metrics["accuracy_by_extractor"] = {
+        name: sum(g["correct_by"][name] for g in flat) / len(flat) for name in flat[0]["correct_by"]}
+    n = len(graded[0])
+    counts = [sum(g["correct"] for g in row) for row in graded]
+    for k, v in scoring.summarize(counts, n, ks).items():
+        metrics[f"pass@{k}"] = v
+    keys = [[answers.answer_key(g["extracted"], numeric) for g in row] for row in graded]
+    correct = [[g["correct"] for g in row] for row in graded]
+    for k, v in scoring.summarize_majority(keys, correct, ks, seed=seed).items():
+        metrics[f"maj@{k}"] = v
+    return metrics
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run one task end to end; returns the summary (also written to out/summary.json)."""
+    req.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fmt = tasks.resolve_format(req.task, req.shots, req.style, req.exemplars)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    problems = load_task_problems(engine, req, out)
+    sampling = Sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
+    try:
+        sampling.validate()
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+    # Generation: sample j of problem i is row i * n + j with its own PRNG key, so results do not depend on
+    # batch size or order.
+    n = req.samples
+    prompts = [fmt.prompt(p) for p in problems]
+    rows = [prompts[i] for i in range(len(problems)) for _ in range(n)]
+    total, done = len(rows), 0
+
+    def on_batch(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress:
+            progress(done, total)
+
+    t0 = time.perf_counter()
+    try:
+        gen = complete(engine, rows, sampling, stop=fmt.stop, seed=req.seed, batch_size=req.batch_size,
+                       on_batch=on_batch, clip_to_context=True)
+    except ValueError as e:  # a prompt longer than the model's context
+        raise DataError(f"{e}; use fewer --shots") from None
+    wall = time.perf_counter() - t0
+
+    # Grading and files.
+    graded: list[list[dict]] = []
+    with open(out / "samples.jsonl", "w") as f:
+        for i, prob in enumerate(problems):
+            row = []
+            for j in range(n):
+                completion = gen.texts[i * n + j]
+                g = tasks.grade(completion, prob.reference, req.task, fmt.style)
+                row.append(g)
+                f.write(json.dumps({"id": prob.id, "sample": j, "prompt": prompts[i], "completion": completion,
+                                    "extracted": g["extracted"], "reference": prob.reference,
+                                    "correct": g["correct"], "extracted_by": g["extracted_by"],
+                                    "correct_by": g["correct_by"]}) + "\n")
+            graded.append(row)
+    ks = req.resolved_ks()
+    metrics = compute_metrics(req.task, graded, ks, req.seed)
+    summary = {
+        "task": req.task, "model": str(engine.run.run_dir), "step": engine.run.step, "n": len(problems),
+        "settings": {"data": req.data or "synth test split", "style": fmt.style, "shots": fmt.shots,
+                     "samples": n, "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
+                     "max_new_tokens": req.max_new_tokens, "context": engine.run.cfg.model.max_seq_len, "seed": req.seed, "stop": list(fmt.stop),
+                     "primary_extractor": fmt.extractors[0],
+                     "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote"},
+        "metrics": metrics,
+        "throughput": {"seconds": round(wall, 3), "problems_per_sec": len(problems) / wall,
+                       "samples_per_sec": total / wall, "new_tokens_per_sec": gen.new_tokens / max(gen.seconds, 1e-9)},
+    }
+    if n > 1:
+        coverage = [metrics[f"pass@{k}"] for k in ks]
+        a, b = scoring.coverage_fit(ks, coverage)
+        summary["coverage_fit"] = {"form": "pass@k ~ exp(a * k^b)", "a": a, "b": b}
+        scoring.plot_coverage(str(out / "coverage.png"), ks, coverage, (a, b),
+                              title=f"{req.task}: pass@k, {len(problems)} problems")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, dict]:
+    """The config's `eval.tasks` on the run's final checkpoint (greedy, zero-shot); returns task -> summary."""
+    from mathlm.train.inference import load_engine
+    if not cfg.eval.tasks:
+        return {}
+    engine = load_engine(str(workdir))
+    results = {}
+    for task in cfg.eval.tasks:
+        req = EvalRequest(task, (cfg.eval.data or {}).get(task), limit=cfg.eval.limit,
+                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        summary = evaluate(engine, req, workdir / "eval" / task)
+        m = summary["metrics"]
+        log(f"eval {task}: accuracy {m['accuracy']:.2%} on {summary['n']} problems "
+            f"({summary['throughput']['problems_per_sec']:.1f} problems/s) -> {workdir / 'eval' / task}")
+        results[task] = summary
+    return results

@@ -1,0 +1,88 @@
+"""`mathlm eval --task perplexity`: per-token perplexity and bits per byte, as lm-evaluation-harness defines them.
+
+Each document is scored as `<bos> text` (no EOS), with lm-eval's rolling windows (`loglikelihood_rolling`,
+context_len 1): the first window predicts the first L tokens from <bos>; every later window predicts the next
+<= L tokens with as much preceding context as fits in L. Metrics over the corpus (sums, then ratios):
+token_perplexity = exp(NLL / tokens), word_perplexity = exp(NLL / words), byte_perplexity = exp(NLL / bytes),
+bits_per_byte = NLL / (bytes * ln 2), with words = whitespace-separated pieces and bytes = UTF-8 bytes.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mathlm.data.sources import DataError, read_examples
+from mathlm.train.inference import Engine
+
+
+def rolling_windows(tokens: list[int], prefix: int, length: int) -> list[tuple[list[int], list[int], int]]:
+    """-> (inputs, targets, n_scored): the last n_scored targets of each window are scored, each once."""
+    seq = [prefix] + tokens
+    out, predicted = [], 0
+    while predicted < len(tokens):
+        end = min(predicted + length, len(tokens))
+        start = max(0, end - length)
+        out.append((seq[start:end], tokens[start:end], end - predicted))
+        predicted = end
+    return out
+
+
+def _nll_fn(engine: Engine):
+    gen = engine.generator
+
+    @jax.jit
+    def nll(params, inputs, targets, scored):
+        logits = nnx.merge(gen.graphdef, params)(inputs)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(scored, picked, 0.0), axis=-1)
+
+    return nll
+
+
+def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, batch_size: int = 16,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
+    tok = engine.tokenizer
+    texts = [ex.text for ex in itertools.islice(read_examples([path]), limit)]
+    if not texts:
+        raise DataError(f"{path}: no documents")
+    length = engine.run.cfg.model.max_seq_len
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    windows = []  # (doc, inputs, targets, n_scored)
+    for d, ids in enumerate(tok.encode_batch(texts)):
+        windows += [(d, *w) for w in rolling_windows(ids, prefix, length)]
+    b = -(-batch_size // engine.batch_multiple) * engine.batch_multiple
+    nll_fn = _nll_fn(engine)
+    doc_nll = np.zeros(len(texts))
+    t0 = time.perf_counter()
+    for start in range(0, len(windows), b):
+        chunk = windows[start: start + b]
+        inputs = np.zeros((b, length), np.int32)
+        targets = np.zeros((b, length), np.int32)
+        scored = np.zeros((b, length), bool)
+        for r, (_, x, y, n) in enumerate(chunk):
+            inputs[r, : len(x)], targets[r, : len(y)] = x, y
+            scored[r, len(y) - n: len(y)] = True
+        put = lambda a: jax.device_put(a, engine.generator.batch_sharding)
+        sums = np.asarray(nll_fn(engine.generator.params, put(inputs), put(targets), put(scored)))
+        for r, (d, *_rest) in enumerate(chunk):
+            doc_nll[d] += sums[r]
+        if progress:
+            progress(min(start + b, len(windows)), len(windows))
+    wall = time.perf_counter() - t0
+    nll = float(doc_nll.sum())
+    n_tokens = sum(w[3] for w in windows)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_words = sum(len(re.split(r"\s+", t.strip())) for t in texts)
+    return {"documents": len(texts), "tokens": n_tokens, "bytes": n_bytes, "words": n_words, "nll": nll,
+            "token_perplexity": math.exp(nll / n_tokens), "word_perplexity": math.exp(nll / n_words),
+            "byte_perplexity": math.exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2)),
+            "seconds": wall, "tokens_per_sec": n_tokens / wall}
