@@ -205,8 +205,13 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
 
 def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, dict]:
     """The config's `eval.tasks` on the run's final checkpoint (greedy, zero-shot); returns task -> summary."""
+    import jax
+
     from mathlm.train.inference import load_engine
     if not cfg.eval.tasks:
+        return {}
+    if jax.process_count() > 1:  # the decode loop reads results on the host: one process sees all of them
+        log("eval.tasks: skipped in a multi-process run; run `mathlm eval` from one host")
         return {}
     engine = load_engine(str(workdir))
     results = {}
