@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from mathlm.cli import convert as convert_cmd
 from mathlm.cli import data as data_cmd
 from mathlm.cli import eval as eval_cmd
 from mathlm.cli import generate as generate_cmd
@@ -14,6 +15,7 @@ app = typer.Typer(
 app.command(name="train", no_args_is_help=True)(train_cmd.train)
 app.command(name="generate", no_args_is_help=True)(generate_cmd.generate)
 app.add_typer(eval_cmd.eval_app, name="eval")
+app.add_typer(convert_cmd.app, name="convert")
 app.add_typer(data_cmd.data_app, name="data")
 app.add_typer(data_cmd.tokenizer_app, name="tokenizer")
 

@@ -58,11 +58,12 @@ def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: in
             return
         prompts = tok.encode_batch([e.prompt for e in pending])
         responses = tok.encode_batch([e.response for e in pending])
+        bos = [] if tok.bos_id is None else [tok.bos_id]  # imported tokenizers (Qwen2) may have no <bos>
         for p, r in zip(prompts, responses):
-            ids = np.asarray([tok.bos_id, *p, *r, tok.eos_id], np.int32)
+            ids = np.asarray([*bos, *p, *r, tok.eos_id], np.int32)
             tokens.append(ids)
             lengths.append(len(ids))
-            prompt_lens.append(1 + len(p))
+            prompt_lens.append(len(bos) + len(p))
         pending.clear()
 
     for ex in examples:

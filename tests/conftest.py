@@ -16,7 +16,7 @@ TINY = [
     "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "model.d_ff=128", "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=8", "train.log_every=1",
     "train.eval_every=0", "train.warmup_steps=2", "train.lr=1e-2", "checkpoint.async_save=false",
-    "checkpoint.every_steps=1000",
+    "checkpoint.every_steps=1000", "eval.tasks=[]",
 ]
 
 

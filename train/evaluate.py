@@ -218,7 +218,11 @@ def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, 
     for task in cfg.eval.tasks:
         req = EvalRequest(task, (cfg.eval.data or {}).get(task), limit=cfg.eval.limit,
                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-        summary = evaluate(engine, req, workdir / "eval" / task)
+        try:
+            summary = evaluate(engine, req, workdir / "eval" / task)
+        except DataError as e:  # training itself succeeded; say why its evaluation could not run
+            log(f"eval {task}: not run: {e}")
+            continue
         m = summary["metrics"]
         log(f"eval {task}: accuracy {m['accuracy']:.2%} on {summary['n']} problems "
             f"({summary['throughput']['problems_per_sec']:.1f} problems/s) -> {workdir / 'eval' / task}")
