@@ -85,6 +85,24 @@ def run(
                 raise DataError(f"unknown task {task!r}; choose one of {TASK_HELP}")
         elif data is None:
             raise DataError("--task perplexity needs --data FILE (JSONL with 'text', or plain text)")
+        req = None
+        if task != "perplexity":
+            from mathlm.data import tasks
+            from mathlm.train.evaluate import EvalRequest
+            req = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples,
+                              temperature, top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k))
+            # Every check that needs no model runs before the (possibly large) checkpoint is loaded.
+            req.validate()
+            try:
+                tasks.resolve_format(task, shots, style, req.exemplars)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            if data and not data.startswith("hf:"):
+                if not pathlib.Path(data).is_file():
+                    raise DataError(f"data file not found: {data}")
+                tasks.load_problems(data, task, limit)
+        elif not pathlib.Path(data).is_file():
+            raise DataError(f"data file not found: {data}")
         engine = load_engine(checkpoint, fsdp=fsdp)
         folder = out or engine.run.run_dir / "eval" / task
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -101,9 +119,7 @@ def run(
                            "metrics": metrics}
                 (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             else:
-                from mathlm.train.evaluate import EvalRequest, evaluate
-                req = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples,
-                                  temperature, top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k))
+                from mathlm.train.evaluate import evaluate
                 summary = evaluate(engine, req, folder, progress=update)
         m = summary["metrics"]
         rows = [(key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in m.items()

@@ -53,12 +53,14 @@ def generate(
     """Print a completion for each prompt (stdout); throughput goes to stderr."""
     with one_line_errors():
         from mathlm.data.sources import DataError
-        from mathlm.models.generate import Sampling
+        from mathlm.models.generate import ContextOverflow, Sampling
         from mathlm.train.inference import complete, load_engine
 
         texts = list(prompt or []) + (_read_prompts(prompts_file) if prompts_file else [])
         if not texts:
             raise DataError("give --prompt TEXT or --prompts FILE")
+        if batch_size < 1:
+            raise DataError(f"--batch-size must be >= 1, got {batch_size}")
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
         try:
             sampling.validate()
@@ -67,7 +69,7 @@ def generate(
         engine = load_engine(checkpoint, fsdp=fsdp)
         try:
             out = complete(engine, texts, sampling, stop=stop or (), seed=seed, batch_size=batch_size)
-        except ValueError as e:  # prompt longer than the model's context
+        except ContextOverflow as e:
             raise DataError(str(e)) from None
         for i, (p, c) in enumerate(zip(texts, out.texts)):
             if prompts_file:

@@ -38,7 +38,8 @@ from collections.abc import Callable
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 ANSWER_IS_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*\\?\$?\s*(-?[0-9.,]*[0-9])")
-MINERVA_RE = re.compile(r"Final Answer: The final answer is(.*?)\. I hope it is correct\.")
+# lm-eval's minerva_math regex verbatim, dots unescaped (so "$5$ I hope it is correct." also matches).
+MINERVA_RE = re.compile(r"Final Answer: The final answer is(.*?). I hope it is correct.")
 _MINERVA_END = "I hope it is correct."
 
 SYMBOLIC_TIMEOUT_S = 5
@@ -200,7 +201,7 @@ def answer_key(answer: str | None, numeric: bool) -> str | None:
     """A canonical spelling for majority voting: equal keys are the same answer. Numbers become their
     canonical decimal ("1,000.0" -> "1000"); other answers their MATH normalisation. Answers that are only
     symbolically equal (\\frac12 vs 0.5) keep different keys."""
-    if answer is None:
+    if answer is None or not re.search(r"[0-9A-Za-z]", answer):  # debris such as ",," is no answer
         return None
     if numeric:
         number = parse_number(answer)

@@ -314,6 +314,8 @@ def _score(pairs: Iterable[tuple[str, dict]], task: str, style: str | None) -> I
             raise DataError(f"{where}: expected a JSON object")
         rec_style = style or rec.get("style") or "qa"
         if rec.get("reference") is not None:
+            if not isinstance(rec["reference"], (str, int, float)) or isinstance(rec["reference"], bool):
+                raise DataError(f"{where}: 'reference' must be a string or a number, got {rec['reference']!r}")
             reference = answers.format_number(rec["reference"])
         elif any(rec.get(f) is not None for f in spec.reference_fields):
             reference = reference_of(task, rec, where)

@@ -25,6 +25,10 @@ from jax import lax
 from mathlm.models.transformer import Transformer
 
 
+class ContextOverflow(ValueError):
+    """A prompt plus the new-token budget does not fit the model's context."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 256
@@ -50,7 +54,7 @@ def sample_logits(logits, key, sampling: Sampling):
     logits = logits / sampling.temperature
     neg = jnp.finfo(logits.dtype).min
     if sampling.top_k:
-        kth = lax.top_k(logits, sampling.top_k)[0][-1]
+        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][-1]
         logits = jnp.where(logits < kth, neg, logits)
     if sampling.top_p < 1:
         order = jnp.argsort(-logits)
@@ -80,7 +84,8 @@ class Output:
 class Generator:
     """Compiles prefill and decode once per bucket and reuses them across calls.
 
-    `params_sharding` / `batch_sharding` (optional) place weights and batch rows on a mesh; XLA partitions the rest.
+    Weights are used where they already are (place them on a mesh first to shard them); `batch_sharding`
+    (optional) places the batch rows; XLA partitions the rest.
     """
 
     def __init__(self, model: Transformer, *, eos_id: int, pad_id: int = 0, chunk: int = 32,
@@ -141,7 +146,7 @@ class Generator:
         if clip_to_context and 0 < room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         if longest + sampling.max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"a prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the "
+            raise ContextOverflow(f"a prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the "
                              f"model's context of {self.cfg.max_seq_len}")
         p_len = _bucket_len(longest)
         chunk = self.chunk if is_done is not None else n_slots_for
@@ -157,6 +162,9 @@ class Generator:
                 raise ValueError("sampling at temperature > 0 needs PRNG keys")
             keys = np.zeros((b, 2), np.uint32)
         keys = np.asarray(jax.device_get(keys))  # a copy: the decode state (keys included) is donated
+        if keys.ndim != 2 or keys.shape[0] < n_real:
+            raise ValueError(f"need one raw PRNG key (jax.random.PRNGKey) per prompt: {n_real} prompts, "
+                             f"keys of shape {keys.shape}")
         if keys.shape[0] < b:
             keys = np.concatenate([keys, np.broadcast_to(keys[:1], (b - keys.shape[0], 2))])
         put = (lambda x: jax.device_put(x, self.batch_sharding)) if self.batch_sharding else jnp.asarray
@@ -176,14 +184,15 @@ class Generator:
             stop_at = min(stop_at, sampling.max_new_tokens)
             state = self._decode(self.params, state, jnp.int32(stop_at), sampling=rule)
             out, done, step = jax.device_get((state["out"], state["done"], state["step"]))
-            if done.all() or step >= sampling.max_new_tokens:
-                break
-            if is_done is not None:
-                for i in range(n_real):
-                    if not done[i] and is_done(i, _cut(out[i, :step], self.eos_id)):
-                        stopped[i], stop_step[i] = True, step
-                if stopped[:n_real].any():
+            if is_done is not None:  # also after the last chunk: a row that hit a stop string is finished
+                newly = [i for i in range(n_real) if not (done[i] or stopped[i])
+                         and is_done(i, _cut(out[i, :step], self.eos_id))]
+                for i in newly:
+                    stopped[i], stop_step[i] = True, step
+                if newly and step < sampling.max_new_tokens:
                     state["done"] = put(done | stopped)
+            if (done | stopped).all() or step >= sampling.max_new_tokens:
+                break
         out, done, step, n_new = jax.device_get((state["out"], state["done"], state["step"], state["n_new"]))
         seconds = time.perf_counter() - t0
         rows = [_cut(out[i, :min(step, stop_step[i])], self.eos_id) for i in range(n_real)]

@@ -68,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
         if self.rope_scaling not in (None, "llama3"):
             raise ValueError(f"model.rope_scaling must be null or llama3, got {self.rope_scaling!r}")
+        if self.rope_scaling and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("model.rope_high_freq_factor must be > model.rope_low_freq_factor")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
 
@@ -320,6 +322,7 @@ class Transformer(nnx.Module):
 
         positions (B, T) are RoPE positions (they skip left padding); valid (B, T) is False on padding.
         With last_only the head runs on the final slot only: (B, 1, V), all a sampler needs after a prefill.
+        The caller keeps index + T <= slots: past the end, dynamic_update_slice would clamp and overwrite.
         """
         cfg = self.cfg
         if not cfg.causal:

@@ -143,6 +143,12 @@ def test_eval_bad_input_is_one_line(tiny_run, args, message):
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
 
 
+def test_eval_checks_its_arguments_before_loading_a_model(tmp_path):
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "no-run"), "--task", "synth", "--samples", "4", "-t", "1",
+                                 "--k", "8", "--no-progress"])
+    assert r.exit_code == 2 and "pass@8 needs" in r.output, r.output
+
+
 def test_eval_task_file_with_missing_field_names_field_and_line(tiny_run, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(GSM8K_LINES[0]) + "\n" + json.dumps({"question": "x"}) + "\n")

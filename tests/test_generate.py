@@ -96,6 +96,23 @@ def test_is_done_stops_rows_between_chunks(model):
         assert out.finished[r] == (r % 2 == 0)
 
 
+def test_stop_is_checked_after_the_last_chunk_too(model):
+    """A budget smaller than the chunk still consults is_done (and reports the row as finished)."""
+    out = Generator(model, eos_id=-1, chunk=4)(_prompts()[:2], Sampling(max_new_tokens=3),
+                                               is_done=lambda r, toks: r == 0)
+    assert out.finished == [True, False] and [len(t) for t in out.tokens] == [3, 3]
+
+
+def test_sampling_arguments_are_checked(model):
+    g = Generator(model, eos_id=EOS)
+    big_k = g(_prompts()[:2], Sampling(max_new_tokens=4, temperature=1.0, top_k=10_000), _keys(2)).tokens
+    assert big_k == g(_prompts()[:2], Sampling(max_new_tokens=4, temperature=1.0), _keys(2)).tokens  # k >= V: no cut
+    with pytest.raises(ValueError, match="one raw PRNG key"):
+        g(_prompts()[:3], Sampling(max_new_tokens=4, temperature=1.0), _keys(2))
+    with pytest.raises(ValueError, match="top_p"):
+        g(_prompts()[:1], Sampling(max_new_tokens=4, temperature=1.0, top_p=0.0), _keys(1))
+
+
 def test_sharded_decoding_equals_single_device(model):
     assert jax.device_count() == 8
     prompts, s = _prompts(), Sampling(max_new_tokens=16, temperature=0.7)

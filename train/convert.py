@@ -193,6 +193,8 @@ def from_hf(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
         raise ConvertError(f"{src / 'config.json'}: {e}") from None
     except KeyError as e:
         raise ConvertError(f"{src / 'config.json'}: missing field {e.args[0]}") from None
+    except (TypeError, ValueError) as e:  # invalid JSON, or a field of the wrong type
+        raise ConvertError(f"{src / 'config.json'}: {e}") from None
     for note in notes:
         log(f"note: {note}")
     if not (src / "tokenizer.json").is_file():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from mathlm.data import answers, synth, tasks
 from mathlm.data.sources import DataError
-from mathlm.models.generate import Sampling
+from mathlm.models.generate import ContextOverflow, Sampling
 from mathlm.train import scoring
 from mathlm.train.inference import Engine, complete
 
@@ -52,6 +52,10 @@ class EvalRequest:
             raise DataError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
         if self.limit is not None and self.limit < 1:
             raise DataError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise DataError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.ks is not None and min(self.ks) < 1:
+            raise DataError(f"--k values must be >= 1, got {min(self.ks)}")
         try:
             scoring.check_sample_budget(self.samples, self.resolved_ks())
         except ValueError as e:
@@ -162,7 +166,7 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     try:
         gen = complete(engine, rows, sampling, stop=fmt.stop, seed=req.seed, batch_size=req.batch_size,
                        on_batch=on_batch, clip_to_context=True)
-    except ValueError as e:  # a prompt longer than the model's context
+    except ContextOverflow as e:  # a prompt longer than the model's context
         raise DataError(f"{e}; use fewer --shots") from None
     wall = time.perf_counter() - t0
 

@@ -32,6 +32,8 @@ class Engine:
 
 
 def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
+    if fsdp < 1:
+        raise CheckpointError(f"--fsdp must be >= 1, got {fsdp}")
     mesh_cfg = MeshConfig(data=-1, fsdp=fsdp, tensor=1, distributed="off")
     mesh = make_mesh(mesh_cfg)
     run = load_run(path, mesh=mesh)
@@ -79,6 +81,8 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop
     encoded = [encode_prompt(tok, p) for p in prompts]
     ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
     keys = row_keys(seed, ids)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     b = -(-batch_size // engine.batch_multiple) * engine.batch_multiple
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(prompts)

@@ -50,6 +50,10 @@ def _nll_fn(engine: Engine):
 
 def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, batch_size: int = 16,
                         progress: Callable[[int, int], None] | None = None) -> dict:
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     tok = engine.tokenizer
     texts = [ex.text for ex in itertools.islice(read_examples([path]), limit)]
     if not texts:
@@ -81,7 +85,7 @@ def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, bat
     nll = float(doc_nll.sum())
     n_tokens = sum(w[3] for w in windows)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    n_words = sum(len(re.split(r"\s+", t.strip())) for t in texts)
+    n_words = sum(len(re.split(r"\s+", t)) for t in texts)  # lm-eval's count, no strip
     return {"documents": len(texts), "tokens": n_tokens, "bytes": n_bytes, "words": n_words, "nll": nll,
             "token_perplexity": math.exp(nll / n_tokens), "word_perplexity": math.exp(nll / n_words),
             "byte_perplexity": math.exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2)),
