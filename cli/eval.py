@@ -63,7 +63,11 @@ def run(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     k: Optional[str] = typer.Option(None, "--k", help="pass@k / maj@k values, e.g. 1,4,16 (default 1,2,4,..)"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="new tokens (diffusion: canvas length)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="diffusion models: sampling steps (default: -n)"),
+    cfg: float = typer.Option(0.0, "--cfg", help="diffusion models: unsupervised classifier-free guidance weight"),
+    unmask: Optional[str] = typer.Option(None, "--unmask", help="diffusion models: low_confidence | ancestral"),
+    mc_samples: int = typer.Option(128, "--mc-samples", help="diffusion models, perplexity: Monte-Carlo ELBO samples"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N problems (or documents) only"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size"),
@@ -90,7 +94,8 @@ def run(
             from mathlm.data import tasks
             from mathlm.train.evaluate import EvalRequest
             req = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples,
-                              temperature, top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k))
+                              temperature, top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k),
+                              steps, cfg, unmask)
             # Every check that needs no model runs before the (possibly large) checkpoint is loaded.
             req.validate()
             try:
@@ -112,9 +117,10 @@ def run(
             update = lambda done, total: progress.update(bar, completed=done, total=total)
             if task == "perplexity":
                 from mathlm.train.perplexity import evaluate_perplexity
-                metrics = evaluate_perplexity(engine, data, limit, batch_size, progress=update)
+                metrics = evaluate_perplexity(engine, data, limit, batch_size, progress=update,
+                                              mc_samples=mc_samples, seed=seed)
                 folder.mkdir(parents=True, exist_ok=True)
-                summary = {"task": task, "model": str(engine.run.run_dir), "step": engine.run.step,
+                summary = {"task": task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
                            "n": metrics["documents"], "settings": {"data": data, "limit": limit},
                            "metrics": metrics}
                 (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -129,7 +135,8 @@ def run(
         if "accuracy" in m:
             typer.echo(f"{task} accuracy: {m['accuracy']:.2%} ({summary['n']} problems) -> {folder}")
         else:
-            typer.echo(f"perplexity {m['token_perplexity']:.4g}, bits/byte {m['bits_per_byte']:.4g} -> {folder}")
+            bound = " (upper bounds: Monte-Carlo ELBO)" if engine.kind == "mdm" else ""
+            typer.echo(f"perplexity {m['token_perplexity']:.4g}, bits/byte {m['bits_per_byte']:.4g}{bound} -> {folder}")
 
 
 @eval_app.command("score", no_args_is_help=True)

@@ -46,30 +46,37 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0 = all)"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1 = off)"),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable); EOS always stops"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="diffusion models: sampling steps (default: "
+                                                             "--max-new-tokens, the canvas length)"),
+    cfg: float = typer.Option(0.0, "--cfg", help="diffusion models: unsupervised classifier-free guidance weight"),
+    unmask: Optional[str] = typer.Option(None, "--unmask", help="diffusion models: low_confidence (default) or "
+                                                                "ancestral"),
     seed: int = typer.Option(0, "--seed", help="PRNG seed; sample i uses key fold_in(seed, i)"),
     batch_size: int = typer.Option(16, "--batch-size", help="prompts decoded together"),
     fsdp: int = typer.Option(1, "--fsdp", help="shard weights over this many devices (default: replicate)"),
 ):
-    """Print a completion for each prompt (stdout); throughput goes to stderr."""
+    """Print a completion for each prompt (stdout); throughput goes to stderr.
+
+    Autoregressive checkpoints decode with a KV cache; masked diffusion checkpoints (read from the checkpoint)
+    fill a canvas of --max-new-tokens masks in --steps steps."""
     with one_line_errors():
         from mathlm.data.sources import DataError
-        from mathlm.models.generate import ContextOverflow, Sampling
-        from mathlm.train.inference import complete, load_engine
+        from mathlm.models.generate import ContextOverflow
+        from mathlm.train.inference import complete, load_engine, make_sampling
 
         texts = list(prompt or []) + (_read_prompts(prompts_file) if prompts_file else [])
         if not texts:
             raise DataError("give --prompt TEXT or --prompts FILE")
         if batch_size < 1:
             raise DataError(f"--batch-size must be >= 1, got {batch_size}")
-        sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
-        try:
-            sampling.validate()
-        except ValueError as e:
-            raise DataError(str(e)) from None
         engine = load_engine(checkpoint, fsdp=fsdp)
         try:
+            sampling = make_sampling(engine.kind, max_new_tokens, temperature, top_k, top_p, steps, cfg, unmask)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        try:
             out = complete(engine, texts, sampling, stop=stop or (), seed=seed, batch_size=batch_size)
-        except ContextOverflow as e:
+        except (ContextOverflow, ValueError) as e:  # too long for the context; CFG without a prompt
             raise DataError(str(e)) from None
         for i, (p, c) in enumerate(zip(texts, out.texts)):
             if prompts_file:

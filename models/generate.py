@@ -90,6 +90,9 @@ class Generator:
 
     def __init__(self, model: Transformer, *, eos_id: int, pad_id: int = 0, chunk: int = 32,
                  batch_sharding: jax.sharding.Sharding | None = None):
+        if not model.cfg.causal:
+            raise ValueError("KV-cache decoding needs a causal (autoregressive) model; this one is bidirectional "
+                             "(masked diffusion): use models.diffusion.DiffusionGenerator")
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.eos_id, self.pad_id, self.chunk = eos_id, pad_id, chunk

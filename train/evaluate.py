@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from mathlm.data import answers, synth, tasks
 from mathlm.data.sources import DataError
-from mathlm.models.generate import ContextOverflow, Sampling
+from mathlm.models.generate import ContextOverflow
 from mathlm.train import scoring
-from mathlm.train.inference import Engine, complete
+from mathlm.train.inference import Engine, complete, make_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class EvalRequest:
     seed: int = 0
     batch_size: int = 16
     ks: tuple[int, ...] | None = None  # pass@k / maj@k; None = 1, 2, 4, ... up to samples
+    steps: int | None = None  # masked diffusion only: sampling steps (None = max_new_tokens)
+    cfg_scale: float = 0.0  # masked diffusion only: unsupervised classifier-free guidance weight
+    unmask: str | None = None  # masked diffusion only: low_confidence | ancestral
 
     def resolved_ks(self) -> tuple[int, ...]:
         if self.ks is not None:
@@ -143,9 +146,9 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     except ValueError as e:
         raise DataError(str(e)) from None
     problems = load_task_problems(engine, req, out)
-    sampling = Sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p)
     try:
-        sampling.validate()
+        sampling = make_sampling(engine.kind, req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.steps,
+                                 req.cfg_scale, req.unmask)
     except ValueError as e:
         raise DataError(str(e)) from None
 
@@ -168,6 +171,8 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
                        on_batch=on_batch, clip_to_context=True)
     except ContextOverflow as e:  # a prompt longer than the model's context
         raise DataError(f"{e}; use fewer --shots") from None
+    except ValueError as e:  # e.g. guidance without a prompt
+        raise DataError(str(e)) from None
     wall = time.perf_counter() - t0
 
     # Grading and files.
@@ -187,12 +192,15 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     ks = req.resolved_ks()
     metrics = compute_metrics(req.task, graded, ks, req.seed)
     summary = {
-        "task": req.task, "model": str(engine.run.run_dir), "step": engine.run.step, "n": len(problems),
+        "task": req.task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
+        "n": len(problems),
         "settings": {"data": req.data or "synth test split", "style": fmt.style, "shots": fmt.shots,
                      "samples": n, "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
                      "max_new_tokens": req.max_new_tokens, "context": engine.run.cfg.model.max_seq_len, "seed": req.seed, "stop": list(fmt.stop),
                      "primary_extractor": fmt.extractors[0],
-                     "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote"},
+                     "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote",
+                     **({"steps": sampling.steps, "cfg": sampling.cfg_scale, "unmask": sampling.rule}
+                        if engine.kind == "mdm" else {})},
         "metrics": metrics,
         "throughput": {"seconds": round(wall, 3), "problems_per_sec": len(problems) / wall,
                        "samples_per_sec": total / wall, "new_tokens_per_sec": gen.new_tokens / max(gen.seconds, 1e-9)},

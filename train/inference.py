@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mathlm.data.tokenizer import Tokenizer
+from mathlm.models.diffusion import DiffusionGenerator, DiffusionSampling
 from mathlm.models.generate import Generator, Sampling
 from mathlm.train.checkpoint import CheckpointError
 from mathlm.train.config import MeshConfig
@@ -23,12 +24,37 @@ from mathlm.train.runtime import make_mesh
 @dataclasses.dataclass
 class Engine:
     run: LoadedRun
-    generator: Generator
+    generator: Generator | DiffusionGenerator  # KV-cache decoding (causal) or diffusion sampling (bidirectional)
     batch_multiple: int  # batch rows are split over this many devices
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.run.tokenizer
+
+    @property
+    def kind(self) -> str:
+        """"arm" (autoregressive, causal) or "mdm" (masked diffusion, bidirectional): read from the checkpoint."""
+        return "arm" if self.run.cfg.model.causal else "mdm"
+
+
+def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, steps: int | None = None, cfg_scale: float = 0.0,
+                  unmask: str | None = None) -> Sampling | DiffusionSampling:
+    """Sampling settings for the model kind; options of the other kind are refused (ValueError, one line)."""
+    if kind == "arm":
+        given = [f for f, v in (("--steps", steps), ("--cfg", cfg_scale or None), ("--unmask", unmask)) if v]
+        if given:
+            raise ValueError(f"{given[0]} is for masked diffusion checkpoints; this one is autoregressive")
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
+    else:
+        given = [f for f, v in (("--top-k", top_k), ("--top-p", top_p != 1.0)) if v]
+        if given:
+            raise ValueError(f"{given[0]} is for autoregressive checkpoints; this one is a masked diffusion model")
+        # The paper's default: as many sampling steps as generated tokens.
+        sampling = DiffusionSampling(max_new_tokens, steps if steps is not None else max_new_tokens, temperature,
+                                     unmask or "low_confidence", cfg_scale)
+    sampling.validate()
+    return sampling
 
 
 def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
@@ -37,13 +63,13 @@ def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
     mesh_cfg = MeshConfig(data=-1, fsdp=fsdp, tensor=1, distributed="off")
     mesh = make_mesh(mesh_cfg)
     run = load_run(path, mesh=mesh)
-    if not run.cfg.model.causal:
-        raise CheckpointError(f"{path} is a bidirectional (masked diffusion) model; autoregressive generation "
-                              "needs a causal model")
     tok = run.tokenizer
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    gen = Generator(run.model, eos_id=tok.eos_id, pad_id=pad, chunk=chunk, batch_sharding=batch_sharding)
+    if run.cfg.model.causal:
+        gen = Generator(run.model, eos_id=tok.eos_id, pad_id=pad, chunk=chunk, batch_sharding=batch_sharding)
+    else:
+        gen = DiffusionGenerator(run.model, eos_id=tok.eos_id, pad_id=pad, batch_sharding=batch_sharding)
     return Engine(run, gen, mesh.shape["data"] * mesh.shape["fsdp"])
 
 
@@ -71,12 +97,19 @@ class Completions:
     seconds: float
 
 
-def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop: Sequence[str] = (),
+def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling | DiffusionSampling, *,
+             stop: Sequence[str] = (),
              seed: int = 0, sample_ids: Sequence[int] | None = None, batch_size: int = 16,
              on_batch: Callable[[int], None] | None = None, clip_to_context: bool = False) -> Completions:
     """Generate one completion per prompt, in batches of `batch_size` (rounded up to the device count).
 
-    Prompts are sorted by length so that each batch pads little; results come back in the input order."""
+    Prompts are sorted by length so that each batch pads little; results come back in the input order.
+    A diffusion model fills its whole canvas at once, so stop strings only cut its text afterwards."""
+    diffusion = isinstance(engine.generator, DiffusionGenerator)
+    if diffusion != isinstance(sampling, DiffusionSampling):
+        raise ValueError(f"{type(sampling).__name__} settings do not fit a {engine.kind} checkpoint")
+    if diffusion and sampling.cfg_scale > 0 and any(not p.strip() for p in prompts):
+        raise ValueError("classifier-free guidance (--cfg) needs a prompt: the unconditional half masks it")
     tok = engine.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
     ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
@@ -93,8 +126,16 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling, *, stop
         def is_done(r: int, new: list[int], rows=rows) -> bool:
             return bool(stop) and cut_at_stop(tok.decode(new), stop)[1]
 
-        out = engine.generator([encoded[i] for i in rows], sampling, keys[rows], is_done=is_done if stop else None,
-                               pad_batch_to=b, clip_to_context=clip_to_context)
+        batch = [encoded[i] for i in rows]
+        if diffusion:
+            settings = sampling
+            room = engine.run.cfg.model.max_seq_len - max(len(p) for p in batch)
+            if clip_to_context and 0 < room < sampling.max_new_tokens:
+                settings = dataclasses.replace(sampling, max_new_tokens=room)
+            out = engine.generator(batch, settings, keys[rows], pad_batch_to=b)
+        else:
+            out = engine.generator(batch, sampling, keys[rows], is_done=is_done if stop else None, pad_batch_to=b,
+                                   clip_to_context=clip_to_context)
         for i, new in zip(rows, out.tokens):
             texts[i] = cut_at_stop(tok.decode(new), stop)[0]
         new_tokens += out.new_tokens
