@@ -171,6 +171,7 @@ def worker_mathlm(args) -> dict:
         "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
         "segment_ids": np.ones((b, t), np.int32),
         "loss_mask": np.ones((b, t), np.float32),
+        "prompt_mask": np.zeros((b, t), np.int32),
     }
     spec = trainer.batch_spec(cfg)
     assert set(spec) == set(fields), f"trainer.batch_spec has fields {sorted(spec)}"

@@ -7,6 +7,7 @@ Every batch is a dict of int32/float32 arrays, each (B, L):
 `lm`:  documents concatenated and cut into windows of L+1 tokens at stride L (concat-then-split packing).
        A target that belongs to the next document is masked, so no loss crosses a document boundary.
 `sft`: one (prompt, response) example per row, padded; only response tokens (and the final eos) are trained.
+       The padding token is the caller's choice: pad, or eos for masked diffusion SFT (SMDM pads with EOS).
 
 Order: windows are shuffled by seed (grain reshuffles every epoch); global batch k holds elements
 [k*B, (k+1)*B) of that order and process p reads only rows [p*B/P, (p+1)*B/P) of it, so any process count sees
@@ -47,12 +48,17 @@ class PackedWindows:
             "positions": positions[:-1].astype(np.int32),
             "segment_ids": segment[:-1],
             "loss_mask": (segment[:-1] == segment[1:]).astype(np.float32),
+            "prompt_mask": np.zeros(L, np.int32),
         }
 
 
 @dataclasses.dataclass
 class SFTRows:
-    """One padded (prompt, response) example per row; the prompt is masked out of the loss."""
+    """One padded (prompt, response) example per row; the prompt is masked out of the loss.
+
+    `pad_id` fills the row after the example (the tokenizer's pad, or its eos for masked diffusion SFT); either
+    way that padding is segment 0 and out of loss_mask, so the causal objectives see the same batch.
+    """
 
     store: TokenStore
     seq_len: int
@@ -78,6 +84,7 @@ class SFTRows:
             "positions": np.arange(L, dtype=np.int32),
             "segment_ids": (np.arange(L) < n).astype(np.int32),
             "loss_mask": ((t >= prompt_len) & (t < n)).astype(np.float32),
+            "prompt_mask": (np.arange(L) < min(prompt_len, n)).astype(np.int32),
         }
 
 

@@ -31,6 +31,9 @@ class DataConfig:
     synth_seed: int = 0
     synth_max_steps: int = 5
     truncate: bool = True  # SFT pairs longer than seq_len: truncate (with a count reported) or error
+    # What fills an SFT row after the response: "pad" (masked out), "eos" (SMDM: the padding is EOS and a target of
+    # the mdm_sft objective), "auto" = eos for train.objective=mdm_sft, else pad.
+    sft_pad: str = "auto"
     grain_workers: int = 0
     prefetch: int = 2
 
@@ -41,7 +44,12 @@ class TrainConfig:
     batch_size: int = 16  # global batch in sequences per optimizer step
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
     seq_len: int = 256
-    objective: str = "causal_lm"
+    # causal_lm | sft | mdm | mdm_sft (masked diffusion, train/diffusion_objectives.py) | auto: causal_lm for a
+    # causal model; for a bidirectional one mdm (data.format=lm) or mdm_sft (data.format=sft)
+    objective: str = "auto"
+    mdm_eps: float = 1e-3  # masked diffusion: mask probability p = (1 - eps)·t + eps, t ~ U(0, 1) (SMDM)
+    ssl_ratio: float = 0.01  # mdm: probability that a micro-batch is cropped to a random length U[1, seq_len]
+    cfg_drop: float = 0.0  # mdm_sft: per-row probability of masking the whole prompt (standard CFG training)
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -237,12 +245,56 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_objective(cfg)
     from mathlm.data.tasks import TASKS
     for task in cfg.eval.tasks:
         if task not in TASKS:
             raise ConfigError(f"eval.tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
         if task != "synth" and not (cfg.eval.data or {}).get(task):
             raise ConfigError(f"eval.tasks: {task} needs a file in eval.data.{task}")
+
+
+DIFFUSION_OBJECTIVES = ("mdm", "mdm_sft")
+CAUSAL_OBJECTIVES = ("causal_lm", "sft")
+
+
+def objective_name(cfg: Config) -> str:
+    """train.objective with "auto" resolved from the model's attention and the data format."""
+    if cfg.train.objective != "auto":
+        return cfg.train.objective
+    if cfg.model.causal:
+        return "causal_lm"
+    return "mdm_sft" if cfg.data.format == "sft" else "mdm"
+
+
+def _validate_objective(cfg: Config) -> None:
+    t, m = cfg.train, cfg.model
+    name = objective_name(cfg)
+    checks = [
+        (cfg.data.sft_pad in ("auto", "pad", "eos"), f"data.sft_pad must be auto, pad or eos, got {cfg.data.sft_pad!r}"),
+        (0 <= t.mdm_eps < 1, f"train.mdm_eps must be in [0, 1), got {t.mdm_eps}"),
+        (0 <= t.ssl_ratio <= 1, f"train.ssl_ratio must be in [0, 1], got {t.ssl_ratio}"),
+        (0 <= t.cfg_drop <= 1, f"train.cfg_drop must be in [0, 1], got {t.cfg_drop}"),
+    ]
+    if name in DIFFUSION_OBJECTIVES:
+        checks += [
+            (not m.causal and m.mask_token,
+             f"train.objective={name} needs a bidirectional model with a mask token "
+             f"(model.causal=false, model.mask_token=true)"),
+            (name != "mdm_sft" or cfg.data.format == "sft", "train.objective=mdm_sft needs data.format=sft"),
+            (name != "mdm_sft" or cfg.data.sft_pad != "pad",
+             "train.objective=mdm_sft trains on EOS padding: set data.sft_pad to eos or auto"),
+        ]
+    if name in CAUSAL_OBJECTIVES:
+        checks.append((m.causal, f"train.objective={name} needs a causal model (model.causal=true)"))
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def sft_pad_is_eos(cfg: Config) -> bool:
+    """Whether SFT rows are padded with EOS (a target for mdm_sft) rather than the pad token."""
+    return cfg.data.sft_pad == "eos" or (cfg.data.sft_pad == "auto" and objective_name(cfg) == "mdm_sft")
 
 
 def to_dict(cfg) -> dict:

@@ -9,6 +9,8 @@ Contract: `objective(model, batch, rng, frozen) -> (loss_sum, metrics)`
     sum (e.g. the number of loss tokens). The trainer divides Σ loss_sum by Σ denom over all micro-batches, so k
     micro-batches give exactly the gradient of one k-times larger batch. Other metrics are sums, divided by denom
     for logging.
+Objectives with hyperparameters (the masked-diffusion ones, train/diffusion_objectives.py) register a factory
+`make(train_cfg) -> objective`; `get_objective(name, train_cfg)` builds them, so the trainer still only passes a name.
 Auxiliary losses a model sows as `nnx.Intermediate` under the name `aux_loss` (Control-LLM divergence) are mean
 values; `add_aux_losses` folds them in with the same normaliser.
 """
@@ -23,6 +25,10 @@ from flax import nnx
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 OBJECTIVES: dict[str, Objective] = {}
+FACTORIES: dict[str, Callable[..., Objective]] = {}  # name -> make(train_cfg) -> objective
+# name -> make(train_cfg) -> eval(model, batch, byte_table) -> {nll, tokens, bytes} sums, for objectives whose
+# held-out loss is not next-token NLL (the trainer's default eval); masked diffusion reports its ELBO.
+EVALS: dict[str, Callable] = {}
 
 
 def register(name: str):
@@ -33,9 +39,35 @@ def register(name: str):
     return deco
 
 
-def get_objective(name: str) -> Objective:
+def register_factory(name: str):
+    def deco(make):
+        FACTORIES[name] = make
+        return make
+
+    return deco
+
+
+def register_eval(name: str):
+    def deco(make):
+        EVALS[name] = make
+        return make
+
+    return deco
+
+
+def get_eval(name: str, train_cfg=None):
+    """The held-out metric function of objective `name`, or None for the default next-token NLL."""
+    import mathlm.train.diffusion_objectives  # noqa: F401
+    return EVALS[name](train_cfg) if name in EVALS else None
+
+
+def get_objective(name: str, train_cfg=None) -> Objective:
+    """The objective `name`; factories read their hyperparameters from `train_cfg` (None = their defaults)."""
+    import mathlm.train.diffusion_objectives  # noqa: F401  (registers mdm, mdm_sft; imported late: it imports us)
+    if name in FACTORIES:
+        return FACTORIES[name](train_cfg)
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+        raise ValueError(f"unknown objective {name!r}; choose from {sorted({*OBJECTIVES, *FACTORIES})}")
     return OBJECTIVES[name]
 
 

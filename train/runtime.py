@@ -69,6 +69,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
+def flops_6nd(cfg: ModelConfig, tokens: float) -> float:
+    """Training compute C = 6·N·D of the scaling-law papers (Kaplan et al. 2020; SMDM's IsoFLOP analysis), with N
+    the non-embedding parameters and D the tokens; for planning sweeps (MFU uses `flops_per_token`)."""
+    return 6.0 * cfg.param_count(embeddings=False) * float(tokens)
+
+
 # Dense peak FLOP/s per device for known accelerators (bf16 tensor cores / MXU).
 _PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
           "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12}

@@ -24,10 +24,11 @@ from flax import nnx
 from mathlm.models import sharding as shard_rules
 from mathlm.models.transformer import Transformer
 from mathlm.train import checkpoint as ckpt
-from mathlm.train.config import Config, ConfigError, save_config
-from mathlm.train.objectives import get_objective, token_nll
+from mathlm.train.config import Config, ConfigError, objective_name, save_config, sft_pad_is_eos
+from mathlm.train.objectives import get_eval, get_objective, token_nll
 from mathlm.train.optim import lr_schedule, make_optimizer
-from mathlm.train.runtime import data_parallel_size, flops_per_token, make_mesh, maybe_initialize_distributed
+from mathlm.train.runtime import (data_parallel_size, flops_6nd, flops_per_token, make_mesh,
+                                  maybe_initialize_distributed)
 
 
 class TrainingError(RuntimeError):
@@ -59,7 +60,8 @@ def batch_spec(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
     return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
             "positions": jax.ShapeDtypeStruct(shape, jnp.int32),
             "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32)}
+            "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32),
+            "prompt_mask": jax.ShapeDtypeStruct(shape, jnp.int32)}
 
 
 # ----------------------------------------------------------------------------- 1-4: runtime, model, optimizer, step
@@ -93,7 +95,7 @@ def build(cfg: Config, frozen=None) -> Setup:
     if t.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {jax.process_count()} processes")
     rules = _rules(cfg)
-    objective = get_objective(t.objective)
+    objective = get_objective(objective_name(cfg), t)
 
     def fresh_params(seed):
         model = Transformer(cfg.model, rngs=nnx.Rngs(params=jax.random.key(seed)))
@@ -165,6 +167,10 @@ def build(cfg: Config, frozen=None) -> Setup:
 def make_eval_fn(setup: Setup, byte_lengths: np.ndarray):
     """Jitted held-out metrics: summed NLL, loss tokens and target bytes (for bits-per-byte)."""
     table = jnp.asarray(byte_lengths, jnp.float32)
+    custom = get_eval(objective_name(setup.cfg), setup.cfg.train)
+    if custom is not None:  # e.g. masked diffusion: its ELBO, not next-token NLL
+        return jax.jit(lambda params, batch: custom(nnx.merge(setup.graphdef, params), batch, table),
+                       in_shardings=(setup.params_sh, setup.batch_sh))
 
     def ev(params, batch):
         logits = nnx.merge(setup.graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -205,6 +211,7 @@ def dry_run(cfg: Config) -> dict:
         "devices": n_dev, "mesh": dict(setup.mesh.shape),
         "params": cfg.model.param_count(), "params_non_embedding": cfg.model.param_count(embeddings=False),
         "flops_per_step_model": flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
+        "flops_6nd_per_step": flops_6nd(cfg.model, tokens),
         "flops_per_step_xla_per_device": float((cost or {}).get("flops", 0.0)),
         "bytes_params_per_device": per_device_bytes(setup.abstract_params, setup.params_sh),
         "bytes_opt_state_per_device": per_device_bytes(setup.abstract_opt, setup.opt_sh),
@@ -261,7 +268,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
         save_config(cfg, workdir / "config.yaml")
     t = cfg.train
     data = prepare_run_data(cfg, workdir, log)
-    pad = data.tokenizer.pad_id
+    # SMDM pads SFT rows with EOS (a target of mdm_sft); the causal objectives pad with pad (masked either way).
+    pad = data.tokenizer.eos_id if sft_pad_is_eos(cfg) else data.tokenizer.pad_id
     src = make_source(data.train_url, cfg.data.format, t.seq_len, pad, cfg.data.truncate)
     if lead:
         from mathlm.data.store import unigram_entropy
@@ -329,8 +337,17 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
                 raise TrainingError(f"loss is {float(m['loss'])} at step {s}; stopped. The last good checkpoint "
                                     f"(step {checkpointer.latest_step()}) is intact")
         tokens = sum(float(m["tokens"]) for m in fetched)
-        row = {k: float(v) for k, v in fetched[-1].items() if k not in ("nll_sum", "correct_sum", "aux_loss")}
-        row["accuracy"] = float(fetched[-1]["correct_sum"]) / max(float(fetched[-1]["tokens"]), 1.0)
+        m = fetched[-1]
+        row = {k: float(v) for k, v in m.items() if k not in ("nll_sum", "correct_sum", "aux_loss", "masked_nll_sum")}
+        # Masked diffusion scores only its masked tokens: accuracy and the unweighted CE are over those.
+        scored = float(m["masked_tokens"]) if "masked_tokens" in m else float(m["tokens"])
+        row["accuracy"] = float(m["correct_sum"]) / max(scored, 1.0)
+        if "masked_nll_sum" in m:
+            row["masked_ce"] = float(m["masked_nll_sum"]) / max(scored, 1.0)
+        # C = 6·N·D (N non-embedding params, D tokens seen, padding and SSL-cropped positions included: the
+        # compute axis of the SMDM/Chinchilla IsoFLOP curves); from the step count, so it survives a resume.
+        row["tokens_seen"] = float(step) * t.batch_size * t.seq_len
+        row["flops_6nd"] = flops_6nd(cfg.model, row["tokens_seen"])
         row.update(meter.interval(sum(t.batch_size * t.seq_len for _ in fetched)))
         row["loss_tokens"] = tokens
         pending = []

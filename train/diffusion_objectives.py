@@ -1,0 +1,143 @@
+"""Masked diffusion objectives (SMDM: Nie et al., "Scaling up Masked Diffusion Models on Text", ICLR 2025).
+
+Forward process (§2): x_t keeps each token of x0 with probability 1 - t and replaces it by [MASK] with
+probability t, independently. The model (bidirectional) predicts every masked token of x0 from x_t, and
+    -log p(x0) <= E_t E_xt [ (1/t) Σ_i 1[x_t^i = MASK] · -log p(x0^i | x_t) ]          (the MDM ELBO, §2)
+is trained by Monte Carlo: one t per sequence, one x_t per t. As in the reference code (SMDM `forward_process`),
+t is floored at ε: p = (1 - ε)·t + ε, so the 1/p weight stays finite; ε = `train.mdm_eps` (1e-3).
+
+The mask id is always `model.cfg.vocab_size` (the model's extra embedding row); the head covers the real
+vocabulary only, so [MASK] can never be a prediction, and x0 never holds it, so it is never a target.
+
+Random draws, one micro-batch: `k_ssl, k_len, k_t, k_mask, k_cfg = jax.random.split(rng, 5)` (the tests redo them).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mathlm.train.objectives import add_aux_losses, register_eval, register_factory, token_nll
+
+
+def split_keys(rng):
+    """The five keys of one micro-batch: SSL gate, SSL length, t, token masks, CFG prompt dropout."""
+    return jax.random.split(rng, 5)
+
+
+def forward_process(k_t, k_mask, x0, maskable, mask_id: int, eps: float):
+    """Mask x0: t ~ U(0, 1) per row, p = (1 - eps)·t + eps; each maskable token masked w.p. p.
+
+    Returns x_t, the boolean mask of masked positions and p (B,).
+    """
+    b = x0.shape[0]
+    t = jax.random.uniform(k_t, (b,), jnp.float32)
+    p = (1.0 - eps) * t + eps
+    masked = (jax.random.uniform(k_mask, x0.shape, jnp.float32) < p[:, None]) & maskable
+    return jnp.where(masked, mask_id, x0), masked, p
+
+
+def ssl_keep(k_ssl, k_len, shape, ratio: float):
+    """Stochastic sequence length: with probability `ratio` the whole micro-batch is cropped to ℓ ~ U[1, L].
+
+    Static shapes: positions >= ℓ are kept in the arrays but made absent (see `_elbo`): they leave the loss and
+    the normaliser, and move to segment 0, which no position < ℓ attends to. For a bidirectional model with
+    per-position RoPE that is exactly the forward pass of the cropped sequence x[:, :ℓ]: every kept position
+    sees the same keys (those < ℓ of its document) at the same positions. SMDM crops 1% of its batches
+    (`train.ssl_ratio` = 0.01), so that the model also sees sequences shorter than the context.
+    """
+    b, length = shape
+    crop = jax.random.uniform(k_ssl, ()) < ratio
+    ell = jax.random.randint(k_len, (), 1, length + 1)
+    keep = jnp.arange(length) < jnp.where(crop, ell, length)
+    return jnp.broadcast_to(keep, shape)
+
+
+def _elbo(model, x0, xt, masked, p, positions, segment_ids, denom):
+    """Σ over masked tokens of CE(x0 | x_t) / p, with the logging sums next to it."""
+    logits = model(xt, positions, segment_ids)
+    nll = token_nll(logits, x0)
+    w = masked.astype(jnp.float32)
+    weighted = jnp.sum(nll * w / p[:, None])
+    correct = jnp.sum((jnp.argmax(logits, -1) == x0) * w)
+    loss_sum, aux = add_aux_losses(model, weighted, denom)
+    return loss_sum, {"denom": denom, "nll_sum": weighted, "correct_sum": correct, "aux_loss": aux * denom,
+                      # unweighted CE over the masked tokens and their count (logged as masked_ce, accuracy)
+                      "masked_nll_sum": jnp.sum(nll * w), "masked_tokens": jnp.sum(w)}
+
+
+def mdm_loss(model, batch, rng, *, eps: float = 1e-3, ssl_ratio: float = 0.0):
+    """Unconditional MDM pretraining on packed windows.
+
+    x0 is the window itself (`inputs`, no shift). Normaliser: all present tokens (segment_ids > 0, and < ℓ under
+    SSL), i.e. B·L for full packed windows, as SMDM divides by B·L; never the masked count (that would reweight
+    the ELBO by 1/(t·L) per sequence).
+    Deviation: our windows pack several documents and `segment_ids` keep attention inside each document; the
+    reference trains on plain 2048-token chunks that attend across document boundaries.
+    """
+    k_ssl, k_len, k_t, k_mask, _ = split_keys(rng)
+    x0 = batch["inputs"]
+    present = (batch["segment_ids"] > 0) & ssl_keep(k_ssl, k_len, x0.shape, ssl_ratio)
+    segment_ids = jnp.where(present, batch["segment_ids"], 0)
+    xt, masked, p = forward_process(k_t, k_mask, x0, present, model.cfg.vocab_size, eps)
+    denom = jnp.sum(present.astype(jnp.float32))
+    return _elbo(model, x0, xt, masked, p, batch["positions"], segment_ids, denom)
+
+
+def mdm_sft_loss(model, batch, rng, *, eps: float = 1e-3, cfg_drop: float = 0.0):
+    """Conditional MDM fine-tuning of p(response | prompt) on `sft` rows padded with EOS (data.sft_pad).
+
+    Row = [bos, prompt, response, eos, eos, ...]: the EOS padding is part of x0 and a target, as in SMDM (the
+    model learns where the response ends), so the whole row is one sequence (segment 1). Prompt tokens are
+    never masked and never scored; each response/padding token is masked w.p. p, loss CE/p; normaliser
+    B·L − Σ prompt lengths (the scored positions).
+    `cfg_drop` (standard classifier-free guidance training): with that probability per row the whole prompt span,
+    bos included, becomes [MASK] tokens — the unconditional input a CFG sampler builds. 0 = SMDM's default,
+    unsupervised CFG (the pretrained MDM serves as the unconditional model).
+    """
+    _, _, k_t, k_mask, k_cfg = split_keys(rng)
+    x0 = batch["inputs"]
+    mask_id = model.cfg.vocab_size
+    prompt = batch["prompt_mask"] > 0
+    response = ~prompt
+    xt, masked, p = forward_process(k_t, k_mask, x0, response, mask_id, eps)
+    drop = jax.random.uniform(k_cfg, (x0.shape[0],)) < cfg_drop
+    xt = jnp.where(prompt & drop[:, None], mask_id, xt)
+    denom = jnp.sum(response.astype(jnp.float32))
+    return _elbo(model, x0, xt, masked, p, batch["positions"], jnp.ones_like(batch["segment_ids"]), denom)
+
+
+@register_factory("mdm")
+def make_mdm(train_cfg):
+    eps, ssl = float(getattr(train_cfg, "mdm_eps", 1e-3)), float(getattr(train_cfg, "ssl_ratio", 0.01))
+    return lambda model, batch, rng, frozen=None: mdm_loss(model, batch, rng, eps=eps, ssl_ratio=ssl)
+
+
+@register_factory("mdm_sft")
+def make_mdm_sft(train_cfg):
+    eps, drop = float(getattr(train_cfg, "mdm_eps", 1e-3)), float(getattr(train_cfg, "cfg_drop", 0.0))
+    return lambda model, batch, rng, frozen=None: mdm_sft_loss(model, batch, rng, eps=eps, cfg_drop=drop)
+
+
+# Held-out loss: the same ELBO with a fixed key per batch (no SSL), so eval/loss is a deterministic upper bound
+# on the per-token NLL (nats), comparable across steps and to an ARM's eval/loss. bpb counts the scored tokens.
+
+def _elbo_eval(loss_fn, scored):
+    def ev(model, batch, byte_table):
+        key = jax.random.fold_in(jax.random.key(0), jnp.sum(batch["inputs"]))
+        loss_sum, m = loss_fn(model, batch, key)
+        return {"nll": loss_sum, "tokens": m["denom"],
+                "bytes": jnp.sum(byte_table[batch["inputs"]] * scored(batch).astype(jnp.float32))}
+
+    return ev
+
+
+@register_eval("mdm")
+def make_mdm_eval(train_cfg):
+    eps = float(getattr(train_cfg, "mdm_eps", 1e-3))
+    return _elbo_eval(lambda m, b, k: mdm_loss(m, b, k, eps=eps, ssl_ratio=0.0), lambda b: b["segment_ids"] > 0)
+
+
+@register_eval("mdm_sft")
+def make_mdm_sft_eval(train_cfg):
+    eps = float(getattr(train_cfg, "mdm_eps", 1e-3))
+    return _elbo_eval(lambda m, b, k: mdm_sft_loss(m, b, k, eps=eps), lambda b: b["prompt_mask"] == 0)
