@@ -93,6 +93,7 @@ class EvalConfig:
     limit: int | None = None  # first N problems per task
     max_new_tokens: int = 256
     batch_size: int = 64
+    steps: int | None = None  # masked diffusion models: sampling steps (None = max_new_tokens, as the paper)
 
 
 @dataclasses.dataclass(frozen=True)

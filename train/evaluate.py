@@ -229,7 +229,8 @@ def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, 
     results = {}
     for task in cfg.eval.tasks:
         req = EvalRequest(task, (cfg.eval.data or {}).get(task), limit=cfg.eval.limit,
-                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                          steps=cfg.eval.steps if engine.kind == "mdm" else None)
         try:
             summary = evaluate(engine, req, workdir / "eval" / task)
         except DataError as e:  # training itself succeeded; say why its evaluation could not run
