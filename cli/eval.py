@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import click
 import typer
