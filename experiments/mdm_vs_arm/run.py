@@ -164,7 +164,7 @@ def main():
 
     # --- sampling wall time at equal generated length ---------------------------------------------------------------
     prompts = [encode_prompt(tok, r["prompt"]) for r in refs[:args.timing_batch]]
-    arm_run, mdm_run = engines["arm"].run, engines["mdm"].run
+    arm_run = engines["arm"].run
     no_eos = arm_run.cfg.model.vocab_size + 7  # never produced: every row decodes exactly L tokens
     arm_gen = Generator(arm_run.model, eos_id=no_eos, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
     mdm_gen = engines["mdm"].generator
