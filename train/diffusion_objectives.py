@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mathlm.train.objectives import add_aux_losses, register_eval, register_factory, token_nll
+from mathlm.train.objectives import add_aux_losses, forward, register_eval, register_factory, token_nll
 
 
 def split_keys(rng):
@@ -54,12 +54,12 @@ def ssl_keep(k_ssl, k_len, shape, ratio: float):
 
 def _elbo(model, x0, xt, masked, p, positions, segment_ids, denom):
     """Σ over masked tokens of CE(x0 | x_t) / p, with the logging sums next to it."""
-    logits = model(xt, positions, segment_ids)
+    logits, aux = forward(model, xt, positions, segment_ids)
     nll = token_nll(logits, x0)
     w = masked.astype(jnp.float32)
     weighted = jnp.sum(nll * w / p[:, None])
     correct = jnp.sum((jnp.argmax(logits, -1) == x0) * w)
-    loss_sum, aux = add_aux_losses(model, weighted, denom)
+    loss_sum = add_aux_losses(weighted, aux, denom)
     return loss_sum, {"denom": denom, "nll_sum": weighted, "correct_sum": correct, "aux_loss": aux * denom,
                       # unweighted CE over the masked tokens and their count (logged as masked_ce, accuracy)
                       "masked_nll_sum": jnp.sum(nll * w), "masked_tokens": jnp.sum(w)}

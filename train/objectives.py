@@ -12,7 +12,8 @@ Contract: `objective(model, batch, rng, frozen) -> (loss_sum, metrics)`
 Objectives with hyperparameters (the masked-diffusion ones, train/diffusion_objectives.py) register a factory
 `make(train_cfg) -> objective`; `get_objective(name, train_cfg)` builds them, so the trainer still only passes a name.
 Auxiliary losses a model sows as `nnx.Intermediate` under the name `aux_loss` (Control-LLM divergence) are mean
-values; `add_aux_losses` folds them in with the same normaliser.
+values; objectives call the model through `forward`, which captures them (`nnx.capture`), and `add_aux_losses`
+folds them in with the same normaliser.
 """
 from __future__ import annotations
 
@@ -76,22 +77,26 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def add_aux_losses(model: nnx.Module, loss_sum: jax.Array, denom: jax.Array):
-    """Add every sown `aux_loss` (a mean) to a summed loss, scaled by the same normaliser."""
-    aux = nnx.pop(model, nnx.Intermediate)
-    values = [v for path, v in jax.tree_util.tree_leaves_with_path(aux)
+def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array]:
+    """Run the model, capturing what it sows: (logits, Σ of every `aux_loss`, a float32 scalar)."""
+    logits, sown = nnx.capture(model, nnx.Intermediate)(*args)
+    values = [v for path, v in jax.tree_util.tree_leaves_with_path(sown)
               if any(getattr(k, "key", None) == "aux_loss" for k in path)]
-    total = sum((jnp.sum(jnp.asarray(v)) for v in values), jnp.zeros((), jnp.float32))
-    return loss_sum + total * denom, total
+    return logits, sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in values), jnp.zeros((), jnp.float32))
+
+
+def add_aux_losses(loss_sum: jax.Array, aux: jax.Array, denom: jax.Array) -> jax.Array:
+    """A summed loss plus the (mean) auxiliary losses scaled by the same normaliser."""
+    return loss_sum + aux * denom
 
 
 def _masked_lm(model, batch):
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, aux = forward(model, batch["inputs"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     nll = token_nll(logits, batch["targets"]) * mask
     denom = jnp.sum(mask)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
-    loss_sum, aux = add_aux_losses(model, jnp.sum(nll), denom)
+    loss_sum = add_aux_losses(jnp.sum(nll), aux, denom)
     return loss_sum, {"denom": denom, "nll_sum": jnp.sum(nll), "correct_sum": correct, "aux_loss": aux * denom}
 
 
