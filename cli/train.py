@@ -46,6 +46,9 @@ def train(
             return
         keys = ("loss", "eval/loss", "eval/ppl", "eval/bpb", "tokens_per_sec")
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
+        from mathlm.train.config import DIFFUSION_OBJECTIVES, objective_name
+        if objective_name(cfg) in DIFFUSION_OBJECTIVES and "eval/loss" in last:
+            summary += " (eval: Monte-Carlo ELBO, upper bounds)"
         typer.echo(f"done: step {last['step']} in {wd}: {summary}")
         from mathlm.train.evaluate import evaluate_after_training
         evaluate_after_training(cfg, wd, log=typer.echo)

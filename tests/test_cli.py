@@ -136,3 +136,13 @@ def test_resume_with_an_incompatible_config(corpus, tmp_path):
     assert ok.exit_code == 0, ok.output
     _fails_with(["train", CONFIG, *tiny_overrides(corpus, "train.steps=2", "model.d_ff=96"),
                  "-w", str(tmp_path / "a")], "does not fit this config")
+
+
+def test_diffusion_run_summary_says_its_eval_is_an_upper_bound(corpus, tmp_path):
+    args = ["train", CONFIG, *tiny_overrides(corpus, "train.steps=2", "model.causal=false", "model.mask_token=true",
+                                             f"data.validation=[{corpus['validation']}]", "train.eval_every=2"),
+            "-w", str(tmp_path / "mdm"), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    done = [l for l in result.output.splitlines() if l.startswith("done:")]
+    assert len(done) == 1 and "eval/loss" in done[0] and "ELBO, upper bounds" in done[0], result.output
