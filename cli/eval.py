@@ -60,14 +60,16 @@ def run(
     exemplars: Optional[pathlib.Path] = typer.Option(None, "--exemplars", help="few-shot exemplar file (JSON)"),
     samples: int = typer.Option(1, "--samples", help="completions per problem (pass@k, maj@k, coverage plot)"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="autoregressive models (default 0, all tokens)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="autoregressive models (default 1, off)"),
     k: Optional[str] = typer.Option(None, "--k", help="pass@k / maj@k values, e.g. 1,4,16 (default 1,2,4,..)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="new tokens (diffusion: canvas length)"),
     steps: Optional[int] = typer.Option(None, "--steps", help="diffusion models: sampling steps (default: -n)"),
-    cfg: float = typer.Option(0.0, "--cfg", help="diffusion models: unsupervised classifier-free guidance weight"),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="diffusion models: unsupervised classifier-free guidance "
+                                                            "weight (default 0, off)"),
     unmask: Optional[str] = typer.Option(None, "--unmask", help="diffusion models: low_confidence | ancestral"),
-    mc_samples: int = typer.Option(128, "--mc-samples", help="diffusion models, perplexity: Monte-Carlo ELBO samples"),
+    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", help="diffusion models, perplexity: Monte-Carlo "
+                                                                         "ELBO samples per chunk (default 128)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N problems (or documents) only"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size"),
@@ -87,8 +89,19 @@ def run(
             from mathlm.data.tasks import TASKS
             if task not in TASKS:
                 raise DataError(f"unknown task {task!r}; choose one of {TASK_HELP}")
-        elif data is None:
-            raise DataError("--task perplexity needs --data FILE (JSONL with 'text', or plain text)")
+        else:
+            if data is None:
+                raise DataError("--task perplexity needs --data FILE (JSONL with 'text', or plain text)")
+            # Options that only shape generation would be silently ignored by a likelihood evaluation.
+            unused = [flag for flag, given in (
+                ("--shots", shots != 0), ("--style", style), ("--exemplars", exemplars), ("--samples", samples != 1),
+                ("--temperature", temperature != 0), ("--top-k", top_k is not None), ("--top-p", top_p is not None),
+                ("--k", k), ("--max-new-tokens", max_new_tokens != 256), ("--steps", steps is not None),
+                ("--cfg", cfg is not None), ("--unmask", unmask)) if given]
+            if unused:
+                raise DataError(f"{unused[0]} does not apply to --task perplexity (it scores text, generates nothing)")
+        if task != "perplexity" and mc_samples is not None:
+            raise DataError("--mc-samples applies to --task perplexity only")
         req = None
         if task != "perplexity":
             from mathlm.data import tasks
@@ -117,8 +130,11 @@ def run(
             update = lambda done, total: progress.update(bar, completed=done, total=total)
             if task == "perplexity":
                 from mathlm.train.perplexity import evaluate_perplexity
+                if engine.kind == "arm" and mc_samples is not None:
+                    raise DataError("--mc-samples is for masked diffusion checkpoints; an autoregressive model's "
+                                    "likelihood is exact")
                 metrics = evaluate_perplexity(engine, data, limit, batch_size, progress=update,
-                                              mc_samples=mc_samples, seed=seed)
+                                              mc_samples=128 if mc_samples is None else mc_samples, seed=seed)
                 folder.mkdir(parents=True, exist_ok=True)
                 summary = {"task": task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
                            "n": metrics["documents"], "settings": {"data": data, "limit": limit},
@@ -132,6 +148,10 @@ def run(
                 if not isinstance(v, dict)]
         rows += [(f"accuracy ({name})", f"{v:.4f}") for name, v in m.get("accuracy_by_extractor", {}).items()]
         _table(rows, f"{task}: {summary['n']} {'documents' if task == 'perplexity' else 'problems'}")
+        asked, used = summary["settings"].get("max_new_tokens_requested"), summary["settings"].get("max_new_tokens")
+        if asked is not None and used != asked:
+            typer.echo(f"note: --max-new-tokens {asked} shortened to {used}, what the context of "
+                       f"{summary['settings']['context']} leaves after the longest prompt", err=True)
         if "accuracy" in m:
             typer.echo(f"{task} accuracy: {m['accuracy']:.2%} ({summary['n']} problems) -> {folder}")
         else:

@@ -43,12 +43,15 @@ def generate(
                                 "or a text file with one prompt per line; output is JSONL"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="new tokens per completion at most"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
-    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0 = all)"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1 = off)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="autoregressive models: sample among the k most likely "
+                                                           "tokens (default 0, all)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="autoregressive models: nucleus sampling mass "
+                                                               "(default 1, off)"),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable); EOS always stops"),
     steps: Optional[int] = typer.Option(None, "--steps", help="diffusion models: sampling steps (default: "
                                                              "--max-new-tokens, the canvas length)"),
-    cfg: float = typer.Option(0.0, "--cfg", help="diffusion models: unsupervised classifier-free guidance weight"),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="diffusion models: unsupervised classifier-free guidance "
+                                                            "weight (default 0, off)"),
     unmask: Optional[str] = typer.Option(None, "--unmask", help="diffusion models: low_confidence (default) or "
                                                                 "ancestral"),
     seed: int = typer.Option(0, "--seed", help="PRNG seed; sample i uses key fold_in(seed, i)"),

@@ -59,8 +59,12 @@ def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: in
         prompts = tok.encode_batch([e.prompt for e in pending])
         responses = tok.encode_batch([e.response for e in pending])
         bos = [] if tok.bos_id is None else [tok.bos_id]  # imported tokenizers (Qwen2) may have no <bos>
-        for p, r in zip(prompts, responses):
+        for ex, p, r in zip(pending, prompts, responses):
             ids = np.asarray([*bos, *p, *r, tok.eos_id], np.int32)
+            if ids.max() >= tok.vocab_size:  # the mask token written out in the text: no model can predict it
+                bad = tok.decode([int(ids[ids >= tok.vocab_size][0])])
+                raise DataError(f"example {len(lengths) + 1} contains the reserved token {bad!r} (masked diffusion's "
+                                f"mask); remove it from the data: {ex.text[:60]!r}")
             tokens.append(ids)
             lengths.append(len(ids))
             prompt_lens.append(len(bos) + len(p))

@@ -54,7 +54,9 @@ from jax import lax
 from mathlm.models.generate import ContextOverflow, Output, _bucket_len, _cut
 from mathlm.models.transformer import Transformer
 
-EPS = 1e-3  # the reference's smallest time (and the ELBO's masking floor)
+# The smallest sampling time and the ELBO's masking floor (the ε = 1e-3, the reference's training eps).
+# Deviation: the reference sampler's own default is eps=1e-5; 1e-3 keeps sampling and training on one floor.
+EPS = 1e-3
 RULES = ("low_confidence", "ancestral")
 
 

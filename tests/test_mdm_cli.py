@@ -43,19 +43,23 @@ def test_generate_on_an_mdm_checkpoint(mdm_run):
 
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "x", "--top-k", "5"], "--top-k is for autoregressive checkpoints"),
-    (["--prompt", "x", "--steps", "0"], "steps must be >= 1"),
+    (["--prompt", "x", "--top-k", "0"], "--top-k is for autoregressive checkpoints"),
+    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "x", "--cfg", "-1"], "--cfg must be >= 0"),
     (["--prompt", "", "--cfg", "1"], "needs a prompt"),
     (["--prompt", "x", "-n", "400"], "exceeds the model's context"),
-    (["--prompt", "x", "--unmask", "random"], "rule must be one of"),
+    (["--prompt", "x", "--unmask", "random"], "--unmask must be one of"),
 ])
 def test_generate_mdm_bad_input(mdm_run, args, message):
     r = _run("generate", mdm_run, *args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
 
 
-def test_diffusion_options_on_an_autoregressive_checkpoint_are_refused(tiny_run):
-    r = _run("generate", tiny_run, "--prompt", "x", "--steps", "4")
-    assert r.exit_code == 2 and "--steps is for masked diffusion checkpoints" in r.output, r.output
+@pytest.mark.parametrize("option", [["--steps", "4"], ["--steps", "0"], ["--cfg", "0"], ["--unmask", ""]])
+def test_diffusion_options_on_an_autoregressive_checkpoint_are_refused(tiny_run, option):
+    # Given at all is refused, even a falsy value: the user asked for something an ARM cannot do.
+    r = _run("generate", tiny_run, "--prompt", "x", *option)
+    assert r.exit_code == 2 and f"{option[0]} is for masked diffusion checkpoints" in r.output, r.output
 
 
 def test_kv_cache_decoding_refuses_a_bidirectional_model():
@@ -83,3 +87,67 @@ def test_eval_synth_and_perplexity_on_an_mdm_checkpoint(mdm_run, tmp_path):
     assert "upper bounds" in r.stdout
     m = json.loads((tmp_path / "p" / "summary.json").read_text())["metrics"]
     assert m["nll_is_upper_bound"] and m["token_perplexity"] > 1 and m["nll_standard_error"] > 0
+
+
+def test_mdm_eval_completions_do_not_depend_on_batch_size(mdm_run, tmp_path):
+    """One canvas for the whole set: the default -n 256 is shortened once, to what the context leaves after the
+    longest prompt, never per batch (which made a completion depend on its batch neighbours)."""
+    from mathlm.train.inference import encode_prompt
+    from mathlm.train.runs import load_run
+    outs = {}
+    for bs in (8, 16):
+        r = _run("eval", mdm_run, "--task", "synth", "--limit", "16", "--steps", "8", "--batch-size", bs,
+                 "--out", tmp_path / str(bs), "--no-progress")
+        assert r.exit_code == 0, r.output
+        outs[bs] = [json.loads(line)["completion"] for line in open(tmp_path / str(bs) / "samples.jsonl")]
+    assert outs[8] == outs[16]
+    summary = json.loads((tmp_path / "8" / "summary.json").read_text())
+    prompts = [json.loads(line)["prompt"] for line in open(tmp_path / "8" / "samples.jsonl")]
+    tok = load_run(mdm_run).tokenizer
+    room = 256 - max(len(encode_prompt(tok, p)) for p in prompts)
+    s = summary["settings"]
+    assert (s["max_new_tokens"], s["max_new_tokens_requested"], s["steps"]) == (room, 256, 8)
+    r = _run("eval", mdm_run, "--task", "synth", "--limit", "2", "-n", "100000", "--steps", "2",
+             "--out", tmp_path / "big", "--no-progress")
+    assert r.exit_code == 0 and "--max-new-tokens 100000 shortened to" in r.output, r.output
+    s = json.loads((tmp_path / "big" / "summary.json").read_text())["settings"]
+    assert s["max_new_tokens"] < 256 and s["max_new_tokens_requested"] == 100000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cfg", "1"], "--cfg does not apply to --task perplexity"),
+    (["--steps", "4"], "--steps does not apply to --task perplexity"),
+    (["--unmask", "ancestral"], "--unmask does not apply to --task perplexity"),
+    (["--mc-samples", "0"], "--mc-samples must be >= 1"),
+])
+def test_mdm_perplexity_refuses_options_it_would_ignore(mdm_run, tmp_path, args, message):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "1 + 1 = 2"}) + "\n")
+    r = _run("eval", mdm_run, "--task", "perplexity", "--data", data, *args, "--no-progress")
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_mc_samples_only_where_it_means_something(mdm_run, tiny_run, tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "1 + 1 = 2"}) + "\n")
+    r = _run("eval", tiny_run, "--task", "perplexity", "--data", data, "--mc-samples", "8", "--no-progress")
+    assert r.exit_code == 2 and "--mc-samples is for masked diffusion checkpoints" in r.output, r.output
+    r = _run("eval", mdm_run, "--task", "synth", "--mc-samples", "8", "--no-progress")
+    assert r.exit_code == 2 and "--mc-samples applies to --task perplexity only" in r.output, r.output
+
+
+def test_perplexity_skips_empty_documents_and_one_mc_sample_has_no_standard_error(mdm_run, tiny_run, tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "7 + 5 = 12"}) + "\n")
+    only = tmp_path / "empty.jsonl"
+    only.write_text(json.dumps({"text": ""}) + "\n")
+    for run in (mdm_run, tiny_run):
+        r = _run("eval", run, "--task", "perplexity", "--data", only, "--no-progress")
+        assert r.exit_code == 2 and "every document is empty" in r.output and "Traceback" not in r.output, r.output
+        extra = ["--mc-samples", "1"] if run == mdm_run else []
+        r = _run("eval", run, "--task", "perplexity", "--data", data, *extra, "--out", tmp_path / "p", "--no-progress")
+        assert r.exit_code == 0, r.output
+        m = json.loads((tmp_path / "p" / "summary.json").read_text())["metrics"]
+        assert m["documents"] == 1 and m["empty_documents_skipped"] == 1 and m["token_perplexity"] > 1
+        if run == mdm_run:
+            assert m["nll_standard_error"] is None  # one sample per chunk: no spread to estimate it from

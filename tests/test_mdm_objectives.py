@@ -1,6 +1,7 @@
 """Masked diffusion objectives (SMDM): normalisers and masks against numpy, SSL = cropping, SFT prompt/EOS rules,
 config checks, sharding equivalence and a short training run."""
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,48 @@ def test_config_checks():
     auto = load_config(None, ["model.causal=false", "data.format=sft"])
     assert objective_name(auto) == "mdm_sft" and sft_pad_is_eos(auto)
     assert objective_name(load_config(None, [])) == "causal_lm" and not sft_pad_is_eos(load_config(None, []))
+
+
+def test_diffusion_objectives_default_to_the_papers_lr_and_warmup_and_refuse_eps_zero():
+    mdm = load_config(None, ["model.causal=false", "train.steps=5000"]).train
+    assert (mdm.lr, mdm.warmup_steps, mdm.min_lr_ratio) == (2e-4, 50, 0.1)  # 2e-4 -> 2e-5 cosine, 1% warmup
+    sft = load_config(None, ["model.causal=false", "data.format=sft", "train.steps=10"]).train
+    assert (sft.lr, sft.warmup_steps) == (2e-4, 1)
+    causal = load_config(None, ["train.steps=5000"]).train
+    assert (causal.lr, causal.warmup_steps) == (3e-4, 100)
+    given = load_config(None, ["model.causal=false", "train.lr=1e-3", "train.warmup_steps=7"]).train
+    assert (given.lr, given.warmup_steps) == (1e-3, 7)
+    with pytest.raises(ConfigError, match=r"mdm_eps must be in \(0, 1\)"):
+        load_config(None, ["model.causal=false", "train.mdm_eps=0"])
+
+
+# Non-embedding parameters of the SMDM paper's sizes (its Table 5 names them 19M, 113M, 472M, 1028M).
+PAPER_SIZES = {"19m": 18_880_896, "113m": 113_265_408, "472m": 471_906_560, "1028m": 1_027_677_952}
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+def test_paper_configs_have_the_papers_sizes_and_arm_differs_only_in_the_objective(size):
+    import dataclasses
+    configs = pathlib.Path(__file__).parent.parent / "configs"
+    mdm, arm = (load_config(configs / f"{kind}-{size}.yaml") for kind in ("smdm", "arm"))
+    assert mdm.model.param_count(embeddings=False) == PAPER_SIZES[size]
+    assert objective_name(mdm) == "mdm" and objective_name(arm) == "causal_lm"
+    assert not mdm.model.causal and arm.model.causal
+    assert dataclasses.replace(arm.model, causal=False) == mdm.model
+    assert dataclasses.replace(arm.train, objective="mdm") == mdm.train
+    assert (arm.data, arm.eval, arm.mesh, arm.checkpoint) == (mdm.data, mdm.eval, mdm.mesh, mdm.checkpoint)
+    assert (mdm.train.lr, mdm.train.min_lr_ratio, mdm.train.weight_decay, mdm.train.clip_norm) == (2e-4, 0.1, 0.1, 1)
+    assert mdm.train.warmup_steps == int(0.01 * mdm.train.steps)  # the default rule for mdm, written out
+
+
+def test_a_written_out_mask_token_in_training_text_is_refused(corpus, tmp_path):
+    from mathlm.data.sources import DataError, Example
+    from mathlm.data.store import write_store
+    from mathlm.data.tokenizer import Tokenizer
+    tok = Tokenizer.load(corpus["tokenizer"])
+    examples = [Example("", "2 + 2 = 4"), Example("", "2 + <|mask|> = 4")]
+    with pytest.raises(DataError, match="example 2 contains the reserved token '<\\|mask\\|>'"):
+        write_store(str(tmp_path / "store"), examples, tok)
 
 
 MDM = ("model.causal=false", "train.objective=mdm", "train.ssl_ratio=0.5", "train.lr=3e-3")

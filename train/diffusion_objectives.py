@@ -73,6 +73,9 @@ def mdm_loss(model, batch, rng, *, eps: float = 1e-3, ssl_ratio: float = 0.0):
     the ELBO by 1/(t·L) per sequence).
     Deviation: our windows pack several documents and `segment_ids` keep attention inside each document; the
     reference trains on plain 2048-token chunks that attend across document boundaries.
+    Deviation (gradient accumulation): the trainer adds the loss sums and normalisers of its micro-batches and
+    divides once, so an SSL-cropped micro-batch weighs by its (smaller) token count; the reference averages each
+    micro-batch's own mean. Without a crop every micro-batch has B·L tokens and the two are identical.
     """
     k_ssl, k_len, k_t, k_mask, _ = split_keys(rng)
     x0 = batch["inputs"]

@@ -16,7 +16,7 @@ from mathlm.data import answers, synth, tasks
 from mathlm.data.sources import DataError
 from mathlm.models.generate import ContextOverflow
 from mathlm.train import scoring
-from mathlm.train.inference import Engine, complete, make_sampling
+from mathlm.train.inference import Engine, complete, make_sampling, new_token_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +28,15 @@ class EvalRequest:
     exemplars: str | None = None
     samples: int = 1
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int | None = None  # autoregressive only (None = 0, all tokens)
+    top_p: float | None = None  # autoregressive only (None = 1, off)
     max_new_tokens: int = 256
     limit: int | None = None
     seed: int = 0
     batch_size: int = 16
     ks: tuple[int, ...] | None = None  # pass@k / maj@k; None = 1, 2, 4, ... up to samples
     steps: int | None = None  # masked diffusion only: sampling steps (None = max_new_tokens)
-    cfg_scale: float = 0.0  # masked diffusion only: unsupervised classifier-free guidance weight
+    cfg_scale: float | None = None  # masked diffusion only: unsupervised classifier-free guidance weight (None = 0)
     unmask: str | None = None  # masked diffusion only: low_confidence | ancestral
 
     def resolved_ks(self) -> tuple[int, ...]:
@@ -146,16 +146,23 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     except ValueError as e:
         raise DataError(str(e)) from None
     problems = load_task_problems(engine, req, out)
+    n = req.samples
+    prompts = [fmt.prompt(p) for p in problems]
     try:
-        sampling = make_sampling(engine.kind, req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.steps,
+        make_sampling(engine.kind, req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.steps,
+                      req.cfg_scale, req.unmask)  # refuse bad settings before anything else
+        # One budget for the whole set (a completion must not depend on its batch neighbours); a diffusion model's
+        # default step count follows the canvas it really fills.
+        budget = new_token_budget(engine, prompts, req.max_new_tokens)
+        sampling = make_sampling(engine.kind, budget, req.temperature, req.top_k, req.top_p, req.steps,
                                  req.cfg_scale, req.unmask)
+    except ContextOverflow as e:  # a prompt as long as the model's context
+        raise DataError(f"{e}; use fewer --shots") from None
     except ValueError as e:
         raise DataError(str(e)) from None
 
     # Generation: sample j of problem i is row i * n + j with its own PRNG key, so results do not depend on
     # batch size or order.
-    n = req.samples
-    prompts = [fmt.prompt(p) for p in problems]
     rows = [prompts[i] for i in range(len(problems)) for _ in range(n)]
     total, done = len(rows), 0
 
@@ -168,9 +175,7 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     t0 = time.perf_counter()
     try:
         gen = complete(engine, rows, sampling, stop=fmt.stop, seed=req.seed, batch_size=req.batch_size,
-                       on_batch=on_batch, clip_to_context=True)
-    except ContextOverflow as e:  # a prompt longer than the model's context
-        raise DataError(f"{e}; use fewer --shots") from None
+                       on_batch=on_batch)
     except ValueError as e:  # e.g. guidance without a prompt
         raise DataError(str(e)) from None
     wall = time.perf_counter() - t0
@@ -195,12 +200,13 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
         "task": req.task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
         "n": len(problems),
         "settings": {"data": req.data or "synth test split", "style": fmt.style, "shots": fmt.shots,
-                     "samples": n, "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-                     "max_new_tokens": req.max_new_tokens, "context": engine.run.cfg.model.max_seq_len, "seed": req.seed, "stop": list(fmt.stop),
+                     "samples": n, "temperature": req.temperature,
+                     "max_new_tokens": sampling.max_new_tokens, "max_new_tokens_requested": req.max_new_tokens,
+                     "context": engine.run.cfg.model.max_seq_len, "seed": req.seed, "stop": list(fmt.stop),
                      "primary_extractor": fmt.extractors[0],
                      "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote",
                      **({"steps": sampling.steps, "cfg": sampling.cfg_scale, "unmask": sampling.rule}
-                        if engine.kind == "mdm" else {})},
+                        if engine.kind == "mdm" else {"top_k": sampling.top_k, "top_p": sampling.top_p})},
         "metrics": metrics,
         "throughput": {"seconds": round(wall, 3), "problems_per_sec": len(problems) / wall,
                        "samples_per_sec": total / wall, "new_tokens_per_sec": gen.new_tokens / max(gen.seconds, 1e-9)},

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models.diffusion import DiffusionGenerator, DiffusionSampling
-from mathlm.models.generate import Generator, Sampling
+from mathlm.models.generate import ContextOverflow, Generator, Sampling
 from mathlm.train.checkpoint import CheckpointError
 from mathlm.train.config import MeshConfig
 from mathlm.train.runs import LoadedRun, load_run
@@ -37,24 +37,48 @@ class Engine:
         return "arm" if self.run.cfg.model.causal else "mdm"
 
 
-def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, steps: int | None = None, cfg_scale: float = 0.0,
+# Settings fields as the CLI spells them, so that a bad value is reported by the flag the user typed.
+_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+          "top_p": "--top-p", "steps": "--steps", "rule": "--unmask", "cfg_scale": "--cfg"}
+
+
+def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, steps: int | None = None, cfg_scale: float | None = None,
                   unmask: str | None = None) -> Sampling | DiffusionSampling:
-    """Sampling settings for the model kind; options of the other kind are refused (ValueError, one line)."""
+    """Sampling settings for the model kind. None means "not given": an option of the other kind that was given at
+    all (even `--steps 0` or `--top-k 0`) is refused, as is a bad value (ValueError, one line, named by its flag)."""
     if kind == "arm":
-        given = [f for f, v in (("--steps", steps), ("--cfg", cfg_scale or None), ("--unmask", unmask)) if v]
+        given = [f for f, v in (("--steps", steps), ("--cfg", cfg_scale), ("--unmask", unmask)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is for masked diffusion checkpoints; this one is autoregressive")
-        sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
+        sampling = Sampling(max_new_tokens, temperature, 0 if top_k is None else top_k,
+                            1.0 if top_p is None else top_p)
     else:
-        given = [f for f, v in (("--top-k", top_k), ("--top-p", top_p != 1.0)) if v]
+        given = [f for f, v in (("--top-k", top_k), ("--top-p", top_p)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is for autoregressive checkpoints; this one is a masked diffusion model")
         # The paper's default: as many sampling steps as generated tokens.
         sampling = DiffusionSampling(max_new_tokens, steps if steps is not None else max_new_tokens, temperature,
-                                     unmask or "low_confidence", cfg_scale)
-    sampling.validate()
+                                     "low_confidence" if unmask is None else unmask,
+                                     0.0 if cfg_scale is None else cfg_scale)
+    try:
+        sampling.validate()
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"{_FLAGS.get(field, field)} {rest}") from None
     return sampling
+
+
+def new_token_budget(engine: "Engine", prompts: Sequence[str], max_new_tokens: int) -> int:
+    """The new-token budget (a diffusion model's canvas length) for a whole prompt set: the request, shortened to
+    what the context leaves after the set's longest prompt. One budget for every row, so that a completion never
+    depends on which prompts share its batch. Raises ContextOverflow when a prompt leaves no room at all."""
+    longest = max(len(encode_prompt(engine.tokenizer, p)) for p in prompts)
+    room = engine.run.cfg.model.max_seq_len - longest
+    if room < 1:
+        raise ContextOverflow(f"a prompt of {longest} tokens leaves no room in the model's context of "
+                              f"{engine.run.cfg.model.max_seq_len}")
+    return min(max_new_tokens, room)
 
 
 def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
@@ -100,7 +124,7 @@ class Completions:
 def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling | DiffusionSampling, *,
              stop: Sequence[str] = (),
              seed: int = 0, sample_ids: Sequence[int] | None = None, batch_size: int = 16,
-             on_batch: Callable[[int], None] | None = None, clip_to_context: bool = False) -> Completions:
+             on_batch: Callable[[int], None] | None = None) -> Completions:
     """Generate one completion per prompt, in batches of `batch_size` (rounded up to the device count).
 
     Prompts are sorted by length so that each batch pads little; results come back in the input order.
@@ -128,14 +152,9 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling | Diffus
 
         batch = [encoded[i] for i in rows]
         if diffusion:
-            settings = sampling
-            room = engine.run.cfg.model.max_seq_len - max(len(p) for p in batch)
-            if clip_to_context and 0 < room < sampling.max_new_tokens:
-                settings = dataclasses.replace(sampling, max_new_tokens=room)
-            out = engine.generator(batch, settings, keys[rows], pad_batch_to=b)
+            out = engine.generator(batch, sampling, keys[rows], pad_batch_to=b)
         else:
-            out = engine.generator(batch, sampling, keys[rows], is_done=is_done if stop else None, pad_batch_to=b,
-                                   clip_to_context=clip_to_context)
+            out = engine.generator(batch, sampling, keys[rows], is_done=is_done if stop else None, pad_batch_to=b)
         for i, new in zip(rows, out.tokens):
             texts[i] = cut_at_stop(tok.decode(new), stop)[0]
         new_tokens += out.new_tokens

@@ -39,7 +39,8 @@ def trainable_labels(params, patterns: list[str] | None):
 
 
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
-    # Weight decay on matrices only: norms' scales (vectors) are not decayed.
+    # Weight decay on matrices only: norms' scales (vectors) are not decayed (nanoGPT/MaxText practice).
+    # Deviation: the SMDM reference's AdamW decays every parameter, norm gains included.
     # A callable, because multi_transform hands the inner optimizer a tree with frozen leaves masked out.
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
     adamw = optax.chain(

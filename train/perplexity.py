@@ -59,10 +59,16 @@ def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, bat
     texts = [ex.text for ex in itertools.islice(read_examples([path]), limit)]
     if not texts:
         raise DataError(f"{path}: no documents")
+    # An empty document has no tokens to score (and would only add lm-eval's one "word" to the word count).
+    empty = sum(1 for t in texts if not t)
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(f"{path}: every document is empty")
     length = engine.run.cfg.model.max_seq_len
     prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
     if engine.kind == "mdm":
-        return _elbo_perplexity(engine, texts, prefix, length, batch_size, progress, mc_samples, seed)
+        return {**_elbo_perplexity(engine, texts, prefix, length, batch_size, progress, mc_samples, seed),
+                "empty_documents_skipped": empty}
     windows = []  # (doc, inputs, targets, n_scored)
     for d, ids in enumerate(tok.encode_batch(texts)):
         windows += [(d, *w) for w in rolling_windows(ids, prefix, length)]
@@ -87,7 +93,8 @@ def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, bat
     wall = time.perf_counter() - t0
     nll = float(doc_nll.sum())
     n_tokens = sum(w[3] for w in windows)
-    return {**_ratios(texts, nll, n_tokens), "seconds": wall, "tokens_per_sec": n_tokens / wall}
+    return {**_ratios(texts, nll, n_tokens), "seconds": wall, "tokens_per_sec": n_tokens / wall,
+            "empty_documents_skipped": empty}
 
 
 def _ratios(texts: list[str], nll: float, n_tokens: int) -> dict:
@@ -127,4 +134,6 @@ def _elbo_perplexity(engine: Engine, texts, prefix: int, length: int, batch_size
     n_tokens = sum(len(c) for c in chunks)
     return {**_ratios(texts, nll, n_tokens), "nll_is_upper_bound": True,
             "estimator": f"Monte-Carlo ELBO, {mc_samples} stratified samples per chunk of {length - 1} tokens",
-            "nll_standard_error": math.sqrt(var), "seconds": wall, "tokens_per_sec": n_tokens / wall}
+            # One sample per chunk has no spread to estimate an error from: null, not a misleading 0.
+            "nll_standard_error": math.sqrt(var) if mc_samples > 1 else None,
+            "seconds": wall, "tokens_per_sec": n_tokens / wall}
