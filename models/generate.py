@@ -133,27 +133,21 @@ class Generator:
 
     def __call__(self, prompts: Sequence[Sequence[int]], sampling: Sampling, keys: jax.Array | None = None,
                  is_done: Callable[[int, list[int]], bool] | None = None,
-                 pad_batch_to: int | None = None, clip_to_context: bool = False) -> Output:
+                 pad_batch_to: int | None = None) -> Output:
         """prompts: token ids per row (no padding). keys: (B, 2) uint32 PRNG keys, one per row (needed to sample).
-        is_done(row, new_tokens) -> True ends the row (checked between chunks, e.g. for stop strings).
-        clip_to_context: shorten max_new_tokens to what the context leaves after the longest prompt, instead of
-        raising."""
+        is_done(row, new_tokens) -> True ends the row (checked between chunks, e.g. for stop strings)."""
         sampling.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         n_real = len(prompts)
         b = max(n_real, pad_batch_to or 0)
         longest = max(len(p) for p in prompts)
-        n_slots_for = sampling.max_new_tokens  # shapes follow the requested budget, not the clipped one
-        room = self.cfg.max_seq_len - longest
-        if clip_to_context and 0 < room < sampling.max_new_tokens:
-            sampling = dataclasses.replace(sampling, max_new_tokens=room)
         if longest + sampling.max_new_tokens > self.cfg.max_seq_len:
             raise ContextOverflow(f"a prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the "
                              f"model's context of {self.cfg.max_seq_len}")
         p_len = _bucket_len(longest)
-        chunk = self.chunk if is_done is not None else n_slots_for
-        n_slots = _round_up(n_slots_for, chunk)
+        chunk = self.chunk if is_done is not None else sampling.max_new_tokens
+        n_slots = _round_up(sampling.max_new_tokens, chunk)
         tokens = np.full((b, p_len), self.pad_id, np.int32)
         valid = np.zeros((b, p_len), bool)
         for i, p in enumerate(list(prompts) + [prompts[0]] * (b - n_real)):  # filler rows repeat row 0

@@ -149,8 +149,6 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     n = req.samples
     prompts = [fmt.prompt(p) for p in problems]
     try:
-        make_sampling(engine.kind, req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.steps,
-                      req.cfg_scale, req.unmask)  # refuse bad settings before anything else
         # One budget for the whole set (a completion must not depend on its batch neighbours); a diffusion model's
         # default step count follows the canvas it really fills.
         budget = new_token_budget(engine, prompts, req.max_new_tokens)
