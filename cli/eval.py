@@ -83,7 +83,7 @@ def run(
         from rich.console import Console
 
         from mathlm.data.sources import DataError
-        from mathlm.train.inference import load_engine
+        from mathlm.train.eval.inference import load_engine
 
         if task != "perplexity":
             from mathlm.data.tasks import TASKS
@@ -105,7 +105,7 @@ def run(
         req = None
         if task != "perplexity":
             from mathlm.data import tasks
-            from mathlm.train.evaluate import EvalRequest
+            from mathlm.train.eval.evaluate import EvalRequest
             req = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples,
                               temperature, top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k),
                               steps, cfg, unmask)
@@ -129,7 +129,7 @@ def run(
             bar = progress.add_task(task, total=None)
             update = lambda done, total: progress.update(bar, completed=done, total=total)
             if task == "perplexity":
-                from mathlm.train.perplexity import evaluate_perplexity
+                from mathlm.train.eval.perplexity import evaluate_perplexity
                 if engine.kind == "arm" and mc_samples is not None:
                     raise DataError("--mc-samples is for masked diffusion checkpoints; an autoregressive model's "
                                     "likelihood is exact")
@@ -141,7 +141,7 @@ def run(
                            "metrics": metrics}
                 (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             else:
-                from mathlm.train.evaluate import evaluate
+                from mathlm.train.eval.evaluate import evaluate
                 summary = evaluate(engine, req, folder, progress=update)
         m = summary["metrics"]
         rows = [(key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in m.items()

@@ -65,7 +65,7 @@ def generate(
     with one_line_errors():
         from mathlm.data.sources import DataError
         from mathlm.models.generate import ContextOverflow
-        from mathlm.train.inference import complete, load_engine, make_sampling
+        from mathlm.train.eval.inference import complete, load_engine, make_sampling
 
         texts = list(prompt or []) + (_read_prompts(prompts_file) if prompts_file else [])
         if not texts:

@@ -50,5 +50,5 @@ def train(
         if objective_name(cfg) in DIFFUSION_OBJECTIVES and "eval/loss" in last:
             summary += " (eval: Monte-Carlo ELBO, upper bounds)"
         typer.echo(f"done: step {last['step']} in {wd}: {summary}")
-        from mathlm.train.evaluate import evaluate_after_training
+        from mathlm.train.eval.evaluate import evaluate_after_training
         evaluate_after_training(cfg, wd, log=typer.echo)

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mathlm.cli.main import app
-from mathlm.train.evaluate import EvalRequest, compute_metrics
-from mathlm.train.perplexity import rolling_windows
+from mathlm.train.eval.evaluate import EvalRequest, compute_metrics
+from mathlm.train.eval.perplexity import rolling_windows
 
 GSM8K_LINES = [  # GSM8K test set, MIT (c) 2021 OpenAI (first two records, answers shortened to their last line)
     {"question": "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "

@@ -27,7 +27,7 @@ def _run(*args):
 
 def test_generate_on_an_mdm_checkpoint(mdm_run):
     from mathlm.models.diffusion import DiffusionGenerator, DiffusionSampling
-    from mathlm.train.inference import encode_prompt
+    from mathlm.train.eval.inference import encode_prompt
     from mathlm.train.runs import load_run
     r = _run("generate", mdm_run, "--prompt", "Question: 2+3?\nAnswer:", "-n", "12", "--steps", "6")
     assert r.exit_code == 0, r.output
@@ -92,7 +92,7 @@ def test_eval_synth_and_perplexity_on_an_mdm_checkpoint(mdm_run, tmp_path):
 def test_mdm_eval_completions_do_not_depend_on_batch_size(mdm_run, tmp_path):
     """One canvas for the whole set: the default -n 256 is shortened once, to what the context leaves after the
     longest prompt, never per batch (which made a completion depend on its batch neighbours)."""
-    from mathlm.train.inference import encode_prompt
+    from mathlm.train.eval.inference import encode_prompt
     from mathlm.train.runs import load_run
     outs = {}
     for bs in (8, 16):

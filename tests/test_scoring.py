@@ -1,10 +1,10 @@
-"""pass@k, maj@k and the coverage power-law fit (mathlm.train.scoring) against hand and exact computations."""
+"""pass@k, maj@k and the coverage power-law fit (mathlm.train.eval.scoring) against hand and exact computations."""
 import itertools
 import math
 import random
 
 import pytest
-from mathlm.train import scoring
+from mathlm.train.eval import scoring
 
 
 def test_pass_at_k_equals_the_exact_binomial_formula():

@@ -2,7 +2,7 @@
 
 Pretrain + SFT an ARM (configs/math-tiny.yaml -> math-tiny-sft.yaml) and an MDM (configs/mdm-tiny.yaml ->
 mdm-tiny-sft.yaml) with the same shape, steps, batch and seq_len (so the same C = 6·N·D), then
-  * greedy accuracy on the same fixed subset of the synthetic test split via mathlm.train.evaluate.evaluate
+  * greedy accuracy on the same fixed subset of the synthetic test split via mathlm.train.eval.evaluate.evaluate
     (ARM: KV-cache decoding; MDM: low-confidence diffusion sampling with steps = L and steps = L/4);
   * sampling wall time at equal generated length L on one batch of test prompts (ARM forced to emit exactly L
     tokens by an unreachable EOS id; the MDM always fills its L-slot canvas).
@@ -85,8 +85,8 @@ def main():
     import jax
     from mathlm.train.config import load_config
     from mathlm.train.trainer import train
-    from mathlm.train.evaluate import EvalRequest, evaluate
-    from mathlm.train.inference import load_engine, encode_prompt
+    from mathlm.train.eval.evaluate import EvalRequest, evaluate
+    from mathlm.train.eval.inference import load_engine, encode_prompt
     from mathlm.models.generate import Generator, Sampling
     from mathlm.models.diffusion import DiffusionSampling
 
@@ -158,7 +158,7 @@ def main():
     tok = engines["arm"].tokenizer
     refs = [json.loads(x) for x in (runs / "eval" / "arm" / "samples.jsonl").read_text().splitlines()]
     # reference solution text is not in samples.jsonl: re-read the test split
-    from mathlm.train.evaluate import synth_test_file
+    from mathlm.train.eval.evaluate import synth_test_file
     test = [json.loads(x) for x in synth_test_file(engines["arm"]).read_text().splitlines()][:args.n_eval]
     sol_len = np.array([len(tok.encode(" " + r["answer"])) + 1 for r in test]) if hasattr(tok, "encode") else None
     if sol_len is not None:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from mathlm.data import answers, synth, tasks
 from mathlm.data.sources import DataError
 from mathlm.models.generate import ContextOverflow
-from mathlm.train import scoring
-from mathlm.train.inference import Engine, complete, make_sampling, new_token_budget
+from mathlm.train.eval import scoring
+from mathlm.train.eval.inference import Engine, complete, make_sampling, new_token_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,7 @@ def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, 
     """The config's `eval.tasks` on the run's final checkpoint (greedy, zero-shot); returns task -> summary."""
     import jax
 
-    from mathlm.train.inference import load_engine
+    from mathlm.train.eval.inference import load_engine
     if not cfg.eval.tasks:
         return {}
     if jax.process_count() > 1:  # the decode loop reads results on the host: one process sees all of them

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mathlm.data.sources import DataError, read_examples
-from mathlm.train.inference import Engine
+from mathlm.train.eval.inference import Engine
 
 
 def rolling_windows(tokens: list[int], prefix: int, length: int) -> list[tuple[list[int], list[int], int]]:
@@ -111,7 +111,7 @@ def _elbo_perplexity(engine: Engine, texts, prefix: int, length: int, batch_size
     bound, so every perplexity here is an upper bound too. A document is cut into disjoint chunks of length - 1
     tokens, each scored after <bos> (a bidirectional model gets no left context from the previous chunk)."""
     from mathlm.models.diffusion import DiffusionScorer
-    from mathlm.train.inference import row_keys
+    from mathlm.train.eval.inference import row_keys
     if mc_samples < 1:
         raise DataError(f"--mc-samples must be >= 1, got {mc_samples}")
     gen = engine.generator
