@@ -39,16 +39,17 @@ def train(
                 typer.echo(f"{k:34s} {shown}")
             typer.echo(json.dumps(report))
             return
-        from mathlm.train.trainer import train as run_train
+        from mathlm.train.loop import train as run_train
         wd = workdir or pathlib.Path("runs") / config.stem
         last = run_train(cfg, wd, show_progress=not no_progress)
         if last.get("preempted"):
             return
         keys = ("loss", "eval/loss", "eval/ppl", "eval/bpb", "tokens_per_sec")
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
-        from mathlm.train.config import DIFFUSION_OBJECTIVES, objective_name
-        if objective_name(cfg) in DIFFUSION_OBJECTIVES and "eval/loss" in last:
-            summary += " (eval: Monte-Carlo ELBO, upper bounds)"
+        from mathlm.train.objectives import spec_of
+        label = spec_of(cfg).eval_label
+        if label and "eval/loss" in last:
+            summary += f" (eval: {label})"
         typer.echo(f"done: step {last['step']} in {wd}: {summary}")
         from mathlm.train.eval.evaluate import evaluate_after_training
         evaluate_after_training(cfg, wd, log=typer.echo)

@@ -1,1 +1,2 @@
-
+"""Networks and what runs them: `mathlm.models.build` / `abstract` are the one factory (models/variants.py)."""
+from mathlm.models.variants import abstract, build, init_params, metadata, trainable_filter  # noqa: F401

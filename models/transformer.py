@@ -52,6 +52,14 @@ class ModelConfig:
     # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one.
     attention: str = "auto"
     init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
+    # A network variant from models/variants.py, {name: ..., <its options>}; None = the plain Transformer.
+    variant: dict | None = None
+
+    @property
+    def kind(self) -> str:
+        """The model kind, the project's one word for it: "arm" (autoregressive: causal attention, next-token
+        objectives, KV-cache decoding) or "mdm" (masked diffusion: bidirectional, diffusion objectives and sampling)."""
+        return "arm" if self.causal else "mdm"
 
     @property
     def head_dim(self) -> int:

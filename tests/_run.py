@@ -8,7 +8,7 @@ import sys
 
 from mathlm.data import pipeline
 from mathlm.train.config import load_config
-from mathlm.train.trainer import train
+from mathlm.train.loop import train
 
 read = []
 _orig = pipeline.PackedWindows.__getitem__

@@ -299,7 +299,7 @@ def test_verify_without_torch_says_what_to_install(native_tok, tmp_path, monkeyp
 
 
 def test_imported_model_fine_tunes_with_init_from(llama_dir, tmp_path):
-    from mathlm.train.trainer import train
+    from mathlm.train.loop import train
     run_dir = from_hf(llama_dir, tmp_path / "run")
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

@@ -11,9 +11,9 @@ from flax import nnx
 
 from conftest import losses, run_script, tiny_overrides
 from mathlm.models.transformer import ModelConfig, Transformer
-from mathlm.train.config import ConfigError, load_config, objective_name, sft_pad_is_eos
-from mathlm.train.diffusion_objectives import mdm_loss, mdm_sft_loss, split_keys
-from mathlm.train.objectives import get_objective
+from mathlm.train.config import ConfigError, load_config
+from mathlm.train.objectives import get_objective, objective_name, sft_pad_is_eos
+from mathlm.train.objectives.diffusion import mdm_loss, mdm_sft_loss, split_keys
 
 V, L = 50, 12
 CFG = ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=16,
@@ -129,7 +129,8 @@ def test_cfg_drop_masks_the_whole_prompt_but_never_scores_it():
 
 
 def test_registered_with_config_hyperparameters():
-    cfg = load_config(None, ["model.causal=false", "train.objective=mdm", "train.ssl_ratio=0", "train.mdm_eps=0.5"])
+    cfg = load_config(None, ["model.causal=false", "train.objective=mdm", "train.objective.ssl_ratio=0",
+                               "train.objective.eps=0.5"])
     model, b = _model(), _lm_batch()
     got = get_objective("mdm", cfg.train)(model, b, jax.random.key(0), None)[0]
     np.testing.assert_allclose(float(got), float(mdm_loss(model, b, jax.random.key(0), eps=0.5)[0]), rtol=1e-6)
@@ -158,8 +159,8 @@ def test_diffusion_objectives_default_to_the_papers_lr_and_warmup_and_refuse_eps
     assert (causal.lr, causal.warmup_steps) == (3e-4, 100)
     given = load_config(None, ["model.causal=false", "train.lr=1e-3", "train.warmup_steps=7"]).train
     assert (given.lr, given.warmup_steps) == (1e-3, 7)
-    with pytest.raises(ConfigError, match=r"mdm_eps must be in \(0, 1\)"):
-        load_config(None, ["model.causal=false", "train.mdm_eps=0"])
+    with pytest.raises(ConfigError, match=r"train.objective.eps must be in \(0, 1\)"):
+        load_config(None, ["model.causal=false", "train.objective.eps=0"])
 
 
 # Non-embedding parameters of the SMDM paper's sizes (its Table 5 names them 19M, 113M, 472M, 1028M).
@@ -175,7 +176,7 @@ def test_paper_configs_have_the_papers_sizes_and_arm_differs_only_in_the_objecti
     assert objective_name(mdm) == "mdm" and objective_name(arm) == "causal_lm"
     assert not mdm.model.causal and arm.model.causal
     assert dataclasses.replace(arm.model, causal=False) == mdm.model
-    assert dataclasses.replace(arm.train, objective="mdm") == mdm.train
+    assert dataclasses.replace(arm.train, objective=mdm.train.objective) == mdm.train
     assert (arm.data, arm.eval, arm.mesh, arm.checkpoint) == (mdm.data, mdm.eval, mdm.mesh, mdm.checkpoint)
     assert (mdm.train.lr, mdm.train.min_lr_ratio, mdm.train.weight_decay, mdm.train.clip_norm) == (2e-4, 0.1, 0.1, 1)
     assert mdm.train.warmup_steps == int(0.01 * mdm.train.steps)  # the default rule for mdm, written out
@@ -191,7 +192,7 @@ def test_a_written_out_mask_token_in_training_text_is_refused(corpus, tmp_path):
         write_store(str(tmp_path / "store"), examples, tok)
 
 
-MDM = ("model.causal=false", "train.objective=mdm", "train.ssl_ratio=0.5", "train.lr=3e-3")
+MDM = ("model.causal=false", "train.objective=mdm", "train.objective.ssl_ratio=0.5", "train.lr=3e-3")
 
 
 def test_sharded_and_single_device_mdm_losses_agree(corpus, tmp_path):
@@ -201,7 +202,7 @@ def test_sharded_and_single_device_mdm_losses_agree(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads(record.read_text())
     assert single["devices"] == 1 and len(single["losses"]) == 3
-    from mathlm.train.trainer import train
+    from mathlm.train.loop import train
     wd = tmp_path / "sharded"
     train(load_config(None, tiny_overrides(corpus, "train.steps=3", "mesh.data=2", "mesh.fsdp=4", *MDM)), wd,
           show_progress=False)
@@ -209,7 +210,7 @@ def test_sharded_and_single_device_mdm_losses_agree(corpus, tmp_path):
 
 
 def test_mdm_training_lowers_the_loss_then_sft_on_eos_padded_rows(corpus, tmp_path):
-    from mathlm.train.trainer import train
+    from mathlm.train.loop import train
     cfg = load_config(None, tiny_overrides(corpus, "train.steps=40", "mesh.data=8", "train.eval_every=40",
                                            f"data.validation=[{corpus['validation']}]", "train.eval_batches=2",
                                            "model.causal=false", "train.objective=mdm"))

@@ -8,7 +8,9 @@ import pytest
 from conftest import losses, run_script, tiny_overrides
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import load_config
-from mathlm.train.trainer import TrainingError, build, final_params, train
+from mathlm.train.loop import final_params, train
+from mathlm.train.state import combine
+from mathlm.train.trainer import TrainingError, build
 
 
 def _train(corpus, workdir, *extra, steps=5, stop_after=None):
@@ -81,7 +83,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(corpus, tmp_path):
 def test_frozen_params_get_no_optimizer_state_and_do_not_move(corpus, tmp_path):
     cfg = load_config(None, tiny_overrides(corpus, "mesh.data=8", r"train.trainable=[blocks/\d+/mlp/]"))
     setup = build(cfg)
-    params, opt = setup.init_fn(0)
+    trainable, frozen, opt = setup.init_fn(0)
+    params = combine(trainable, frozen["model"])
     is_mlp = lambda path: "['mlp']" in jax.tree_util.keystr(path)
     n_mlp = sum(1 for p, _ in jax.tree_util.tree_flatten_with_path(params)[0] if is_mlp(p))
     moments = [p for p, leaf in jax.tree_util.tree_flatten_with_path(opt["state"])[0] if leaf.ndim > 0]
@@ -92,7 +95,8 @@ def test_frozen_params_get_no_optimizer_state_and_do_not_move(corpus, tmp_path):
     src = make_source(str(corpus["train"]), "lm", 64, 0)
     batch = next(iter(train_dataset(src, global_batch=8, process_index=0, process_count=1, seed=0)))
     from mathlm.train.trainer import to_global
-    params, opt, _ = setup.step_fn(params, opt, to_global(setup, batch))
+    trainable, opt, _ = setup.step_fn(trainable, frozen, opt, to_global(setup, batch))
+    params = combine(trainable, frozen["model"])
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(params)):
         assert (not np.array_equal(a, np.asarray(b))) == is_mlp(path)
 

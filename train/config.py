@@ -13,6 +13,7 @@ import typing
 import yaml
 
 from mathlm.models.transformer import ModelConfig
+from mathlm.train import objectives
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,7 @@ class DataConfig:
     synth_max_steps: int = 5
     truncate: bool = True  # SFT pairs longer than seq_len: truncate (with a count reported) or error
     # What fills an SFT row after the response: "pad" (masked out), "eos" (SMDM: the padding is EOS and a target of
-    # the mdm_sft objective), "auto" = eos for train.objective=mdm_sft, else pad.
+    # the mdm_sft objective), "auto" = the objective's padding policy (eos for mdm_sft, else pad).
     sft_pad: str = "auto"
     grain_workers: int = 0
     prefetch: int = 2
@@ -44,12 +45,11 @@ class TrainConfig:
     batch_size: int = 16  # global batch in sequences per optimizer step
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
     seq_len: int = 256
-    # causal_lm | sft | mdm | mdm_sft (masked diffusion, train/diffusion_objectives.py) | auto: causal_lm for a
-    # causal model; for a bidirectional one mdm (data.format=lm) or mdm_sft (data.format=sft)
-    objective: str = "auto"
-    mdm_eps: float = 1e-3  # masked diffusion: mask probability p = (1 - eps)·t + eps, t ~ U(0, 1) (SMDM)
-    ssl_ratio: float = 0.01  # mdm: probability that a micro-batch is cropped to a random length U[1, seq_len]
-    cfg_drop: float = 0.0  # mdm_sft: per-row probability of masking the whole prompt (standard CFG training)
+    # The objective's own typed section, chosen by name (train/objectives/): `causal_lm` | `sft` | `mdm` | `mdm_sft`,
+    # e.g. {name: mdm, eps: 1.0e-3, ssl_ratio: 0.01}; a bare name is that section with its defaults. `auto`:
+    # causal_lm for a causal model; for a bidirectional one mdm (data.format=lm) or mdm_sft (data.format=sft).
+    # load_config replaces it by the typed section (the saved config.yaml records the resolved one).
+    objective: typing.Any = "auto"
     # None = the objective's default, filled in by load_config: the SMDM paper's 2e-4 with 1% warmup for masked
     # diffusion, 3e-4 with 100 warmup steps (nanoGPT-like) for causal objectives.
     lr: float | None = None
@@ -190,6 +190,8 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
+        if isinstance(node.get(k), str) and k == "objective":  # `train.objective=mdm train.objective.eps=0.5`
+            node[k] = {"name": node[k]}
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{k}' is not a section")
@@ -220,18 +222,53 @@ def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str]
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    _refuse_moved_keys(raw)
     cfg = _resolve_defaults(_build(Config, raw, ""))
     validate(cfg)
     return cfg
 
 
+# Keys that moved into an objective's own section: a config that still uses them gets the new key's name.
+MOVED_KEYS = {"mdm_eps": "train.objective.eps", "ssl_ratio": "train.objective.ssl_ratio",
+              "cfg_drop": "train.objective.cfg_drop"}
+
+
+def _refuse_moved_keys(raw: dict) -> None:
+    train = raw.get("train")
+    for key in (train if isinstance(train, dict) else {}):
+        if key in MOVED_KEYS:
+            raise ConfigError(f"train.{key} is now {MOVED_KEYS[key]} (e.g. train.objective: "
+                              f"{{name: {'mdm_sft' if key == 'cfg_drop' else 'mdm'}, {MOVED_KEYS[key].split('.')[-1]}: ...}})")
+
+
+def _objective_section(cfg: Config):
+    """train.objective (a name or a mapping with `name`) -> the spec's typed section; `auto` resolved."""
+    raw = cfg.train.objective
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    elif dataclasses.is_dataclass(raw):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"train.objective: expected a name or a mapping with a name, got {raw!r}")
+    raw = dict(raw)
+    name = raw.setdefault("name", objectives.AUTO)
+    try:
+        if name == objectives.AUTO:
+            name = raw["name"] = objectives.auto_name(cfg.model.kind, cfg.data.format)
+        spec = objectives.get_spec(name)
+    except ValueError as e:
+        raise ConfigError(f"train.objective: {e}") from None
+    return _build(spec.section, raw, "train.objective.")
+
+
 def _resolve_defaults(cfg: Config) -> Config:
-    """Fill the settings whose default depends on the objective (see TrainConfig.lr)."""
+    """Type the objective section and fill the settings whose default depends on it (see TrainConfig.lr)."""
     t = cfg.train
-    diffusion = objective_name(cfg) in DIFFUSION_OBJECTIVES
-    lr = t.lr if t.lr is not None else (2e-4 if diffusion else 3e-4)
-    warmup = t.warmup_steps if t.warmup_steps is not None else (max(1, int(0.01 * t.steps)) if diffusion else 100)
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr, warmup_steps=warmup))
+    section = _objective_section(cfg)
+    spec = objectives.get_spec(section.name)
+    lr = t.lr if t.lr is not None else spec.default_lr
+    warmup = t.warmup_steps if t.warmup_steps is not None else spec.default_warmup(t.steps)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, objective=section, lr=lr, warmup_steps=warmup))
 
 
 def validate(cfg: Config) -> None:
@@ -269,49 +306,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"eval.tasks: {task} needs a file in eval.data.{task}")
 
 
-DIFFUSION_OBJECTIVES = ("mdm", "mdm_sft")
-CAUSAL_OBJECTIVES = ("causal_lm", "sft")
-
-
-def objective_name(cfg: Config) -> str:
-    """train.objective with "auto" resolved from the model's attention and the data format."""
-    if cfg.train.objective != "auto":
-        return cfg.train.objective
-    if cfg.model.causal:
-        return "causal_lm"
-    return "mdm_sft" if cfg.data.format == "sft" else "mdm"
-
-
 def _validate_objective(cfg: Config) -> None:
-    t, m = cfg.train, cfg.model
-    name = objective_name(cfg)
-    checks = [
-        (cfg.data.sft_pad in ("auto", "pad", "eos"),
-         f"data.sft_pad must be auto, pad or eos, got {cfg.data.sft_pad!r}"),
-        # eps > 0 keeps every mask probability, and so the 1/p loss weight, away from 0.
-        (0 < t.mdm_eps < 1, f"train.mdm_eps must be in (0, 1), got {t.mdm_eps}"),
-        (0 <= t.ssl_ratio <= 1, f"train.ssl_ratio must be in [0, 1], got {t.ssl_ratio}"),
-        (0 <= t.cfg_drop <= 1, f"train.cfg_drop must be in [0, 1], got {t.cfg_drop}"),
-    ]
-    if name in DIFFUSION_OBJECTIVES:
-        checks += [
-            (not m.causal and m.mask_token,
-             f"train.objective={name} needs a bidirectional model with a mask token "
-             f"(model.causal=false, model.mask_token=true)"),
-            (name != "mdm_sft" or cfg.data.format == "sft", "train.objective=mdm_sft needs data.format=sft"),
-            (name != "mdm_sft" or cfg.data.sft_pad != "pad",
-             "train.objective=mdm_sft trains on EOS padding: set data.sft_pad to eos or auto"),
-        ]
-    if name in CAUSAL_OBJECTIVES:
-        checks.append((m.causal, f"train.objective={name} needs a causal model (model.causal=true)"))
+    checks = [(cfg.data.sft_pad in ("auto", "pad", "eos"),
+               f"data.sft_pad must be auto, pad or eos, got {cfg.data.sft_pad!r}"), *objectives.checks(cfg)]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-
-
-def sft_pad_is_eos(cfg: Config) -> bool:
-    """Whether SFT rows are padded with EOS (a target for mdm_sft) rather than the pad token."""
-    return cfg.data.sft_pad == "eos" or (cfg.data.sft_pad == "auto" and objective_name(cfg) == "mdm_sft")
 
 
 def to_dict(cfg) -> dict:

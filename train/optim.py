@@ -1,12 +1,9 @@
-"""AdamW + warmup/cosine schedule + global-norm clipping, with an optax mask for frozen weights."""
+"""AdamW + warmup/cosine schedule + global-norm clipping, over the trainable weights."""
 from __future__ import annotations
-
-import re
 
 import jax
 import optax
 
-from mathlm.models.sharding import path_str
 from mathlm.train.config import TrainConfig
 
 
@@ -22,33 +19,14 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     return lambda step: base(step + 1)
 
 
-def trainable_labels(params, patterns: list[str] | None):
-    """'train' or 'frozen' per leaf; `patterns` are regexes searched in slash-joined weight paths."""
-    if patterns is None:
-        return jax.tree.map(lambda _: "train", params)
-    compiled = [re.compile(p) for p in patterns]
-
-    def label(path, _):
-        p = path_str(path)
-        return "train" if any(c.search(p) for c in compiled) else "frozen"
-
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    if "train" not in jax.tree.leaves(labels):
-        raise ValueError(f"train.trainable={patterns} matches no weight")
-    return labels
-
-
-def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer of the trainable weights. Frozen weights never reach it (the trainer splits them off before
+    differentiating), so they have no gradient, no Adam moments, and no part in the clipping norm."""
     # Weight decay on matrices only: norms' scales (vectors) are not decayed (nanoGPT/MaxText practice).
     # Deviation: the SMDM reference's AdamW decays every parameter, norm gains included.
-    # A callable, because multi_transform hands the inner optimizer a tree with frozen leaves masked out.
     decay_mask = lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)
-    adamw = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay, mask=decay_mask),
     )
-    # Frozen leaves go through set_to_zero, which keeps no state: no Adam moments for them at all.
-    # Note: the clipping norm is then computed over trainable gradients only, as it should be.
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                                 trainable_labels(params, cfg.trainable))

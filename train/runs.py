@@ -13,9 +13,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mathlm import models
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models import sharding as shard_rules
-from mathlm.models.transformer import Transformer
+from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, load_config, save_config
 
@@ -23,7 +24,7 @@ from mathlm.train.config import Config, ConfigError, load_config, save_config
 @dataclasses.dataclass
 class LoadedRun:
     cfg: Config
-    model: Transformer
+    model: nnx.Module
     tokenizer: Tokenizer
     step: int
     run_dir: pathlib.Path
@@ -40,9 +41,21 @@ def run_dir_of(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def abstract_params(cfg: Config):
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(state)
+    """(graphdef, abstract weights) of the network `cfg.model` describes, from the one factory."""
+    return models.abstract(cfg.model)
+
+
+def model_config_of(path: str | pathlib.Path, fallback):
+    """The model section stored with a checkpoint (what rebuilds its network), or `fallback` for checkpoints
+    written before checkpoints carried it."""
+    directory, step = ckpt.resolve(str(path))
+    meta = ckpt.read_meta(directory, step)
+    if meta is None:
+        return fallback
+    try:
+        return from_metadata(meta)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}: {e}") from None
 
 
 def load_run(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, rules=None,
@@ -53,7 +66,9 @@ def load_run(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, ru
         cfg = load_config(run_dir / "config.yaml", overrides)
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{run_dir / 'config.yaml'}: {e}") from None
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=None))
+    # The network is the one the checkpoint records, whatever config.yaml says now.
+    model_cfg = model_config_of(path, cfg.model)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, init_from=None))
     graphdef, like = abstract_params(cfg)
     if mesh is None:
         mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
@@ -93,8 +108,10 @@ def save_params_run(out_dir: str | pathlib.Path, cfg: Config, params: dict, toke
     for name, src in files.items():
         if src.is_file() and src.absolute() != out / name:
             (out / name).write_bytes(src.read_bytes())
-    with ocp.CheckpointManager(out / "checkpoints",
-                               item_handlers={"params": ocp.StandardCheckpointHandler()}) as mgr:
-        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flat)), force=True)
+    meta = {**models.metadata(cfg.model), "frozen": None}
+    with ocp.CheckpointManager(out / "checkpoints", item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}) as mgr:
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)),
+                 force=True)
         mgr.wait_until_finished()
     return out

@@ -84,7 +84,7 @@ def main():
 
     import jax
     from mathlm.train.config import load_config
-    from mathlm.train.trainer import train
+    from mathlm.train.loop import train
     from mathlm.train.eval.evaluate import EvalRequest, evaluate
     from mathlm.train.eval.inference import load_engine, encode_prompt
     from mathlm.models.generate import Generator, Sampling
@@ -123,7 +123,7 @@ def main():
         info["flops_6nd_sft"] = sm["last"].get("flops_6nd")
         info["pretrain_final_loss"] = pm["last"].get("loss")
         info["sft_final_loss"] = sm["last"].get("loss")
-        from mathlm.train.trainer import objective_name
+        from mathlm.train.objectives import objective_name
         info["objectives"] = [objective_name(cfg), objective_name(cfg_s)]
         info["train_tokens"] = (args.pre_steps + args.sft_steps) * cfg.train.batch_size * cfg.train.seq_len
         res["models"][kind] = info

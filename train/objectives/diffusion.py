@@ -4,7 +4,7 @@ Forward process (§2): x_t keeps each token of x0 with probability 1 - t and rep
 probability t, independently. The model (bidirectional) predicts every masked token of x0 from x_t, and
     -log p(x0) <= E_t E_xt [ (1/t) Σ_i 1[x_t^i = MASK] · -log p(x0^i | x_t) ]          (the MDM ELBO, §2)
 is trained by Monte Carlo: one t per sequence, one x_t per t. As in the reference code (SMDM `forward_process`),
-t is floored at ε: p = (1 - ε)·t + ε, so the 1/p weight stays finite; ε = `train.mdm_eps` (1e-3).
+t is floored at ε: p = (1 - ε)·t + ε, so the 1/p weight stays finite; ε = `train.objective.eps` (1e-3).
 
 The mask id is always `model.cfg.vocab_size` (the model's extra embedding row); the head covers the real
 vocabulary only, so [MASK] can never be a prediction, and x0 never holds it, so it is never a target.
@@ -13,10 +13,12 @@ Random draws, one micro-batch: `k_ssl, k_len, k_t, k_mask, k_cfg = jax.random.sp
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from mathlm.train.objectives import add_aux_losses, forward, register_eval, register_factory, token_nll
+from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, forward, register, token_nll
 
 
 def split_keys(rng):
@@ -43,7 +45,7 @@ def ssl_keep(k_ssl, k_len, shape, ratio: float):
     the normaliser, and move to segment 0, which no position < ℓ attends to. For a bidirectional model with
     per-position RoPE that is exactly the forward pass of the cropped sequence x[:, :ℓ]: every kept position
     sees the same keys (those < ℓ of its document) at the same positions. SMDM crops 1% of its batches
-    (`train.ssl_ratio` = 0.01), so that the model also sees sequences shorter than the context.
+    (`train.objective.ssl_ratio` = 0.01), so that the model also sees sequences shorter than the context.
     """
     b, length = shape
     crop = jax.random.uniform(k_ssl, ()) < ratio
@@ -109,18 +111,6 @@ def mdm_sft_loss(model, batch, rng, *, eps: float = 1e-3, cfg_drop: float = 0.0)
     return _elbo(model, x0, xt, masked, p, batch["positions"], jnp.ones_like(batch["segment_ids"]), denom)
 
 
-@register_factory("mdm")
-def make_mdm(train_cfg):
-    eps, ssl = float(getattr(train_cfg, "mdm_eps", 1e-3)), float(getattr(train_cfg, "ssl_ratio", 0.01))
-    return lambda model, batch, rng, frozen=None: mdm_loss(model, batch, rng, eps=eps, ssl_ratio=ssl)
-
-
-@register_factory("mdm_sft")
-def make_mdm_sft(train_cfg):
-    eps, drop = float(getattr(train_cfg, "mdm_eps", 1e-3)), float(getattr(train_cfg, "cfg_drop", 0.0))
-    return lambda model, batch, rng, frozen=None: mdm_sft_loss(model, batch, rng, eps=eps, cfg_drop=drop)
-
-
 # Held-out loss: the same ELBO with a fixed key per batch (no SSL), so eval/loss is a deterministic upper bound
 # on the per-token NLL (nats), comparable across steps and to an ARM's eval/loss. bpb counts the scored tokens.
 
@@ -134,13 +124,62 @@ def _elbo_eval(loss_fn, scored):
     return ev
 
 
-@register_eval("mdm")
-def make_mdm_eval(train_cfg):
-    eps = float(getattr(train_cfg, "mdm_eps", 1e-3))
-    return _elbo_eval(lambda m, b, k: mdm_loss(m, b, k, eps=eps, ssl_ratio=0.0), lambda b: b["segment_ids"] > 0)
+@dataclasses.dataclass(frozen=True)
+class MDMConfig:
+    name: str = "mdm"
+    eps: float = 1e-3  # mask probability p = (1 - eps)·t + eps, t ~ U(0, 1) (SMDM)
+    ssl_ratio: float = 0.01  # probability that a micro-batch is cropped to a random length U[1, seq_len]
 
 
-@register_eval("mdm_sft")
-def make_mdm_sft_eval(train_cfg):
-    eps = float(getattr(train_cfg, "mdm_eps", 1e-3))
-    return _elbo_eval(lambda m, b, k: mdm_sft_loss(m, b, k, eps=eps), lambda b: b["prompt_mask"] == 0)
+@dataclasses.dataclass(frozen=True)
+class MDMSFTConfig:
+    name: str = "mdm_sft"
+    eps: float = 1e-3
+    cfg_drop: float = 0.0  # per-row probability of masking the whole prompt (standard CFG training)
+
+
+def _summary(m: dict) -> dict:
+    """Masked diffusion scores only its masked tokens: accuracy and the unweighted CE are over those."""
+    scored = max(float(m["masked_tokens"]), 1.0)
+    return {"masked_tokens": float(m["masked_tokens"]), "accuracy": float(m["correct_sum"]) / scored,
+            "masked_ce": float(m["masked_nll_sum"]) / scored}
+
+
+def _checks(section, cfg) -> list[tuple[bool, str]]:
+    m, key = cfg.model, "train.objective"
+    # eps > 0 keeps every mask probability, and so the 1/p loss weight, away from 0.
+    checks = [(0 < section.eps < 1, f"{key}.eps must be in (0, 1), got {section.eps}"),
+              (m.mask_token,
+               f"train.objective={section.name} needs a bidirectional model with a mask token "
+               f"(model.causal=false, model.mask_token=true)")]
+    if isinstance(section, MDMConfig):
+        checks.append((0 <= section.ssl_ratio <= 1, f"{key}.ssl_ratio must be in [0, 1], got {section.ssl_ratio}"))
+    else:
+        checks += [(0 <= section.cfg_drop <= 1, f"{key}.cfg_drop must be in [0, 1], got {section.cfg_drop}"),
+                   (cfg.data.sft_pad != "pad",
+                    "train.objective=mdm_sft trains on EOS padding: set data.sft_pad to eos or auto")]
+    return checks
+
+
+# The SMDM paper's optimisation defaults: lr 2e-4 (-> 2e-5 cosine, TrainConfig.min_lr_ratio) with 1% warmup.
+_DIFFUSION = dict(model_kind="mdm", validate=_checks, default_lr=2e-4,
+                  default_warmup=lambda steps: max(1, int(0.01 * steps)), summarize=_summary,
+                  metric_names=("masked_tokens", "accuracy", "masked_ce"),
+                  eval_label="Monte-Carlo ELBO, upper bounds")
+
+register(ObjectiveSpec(
+    "mdm", MDMConfig, auto_for=(("mdm", "lm"),), batch_fields=("inputs", "positions", "segment_ids"),
+    make_loss=lambda s: lambda model, batch, rng, frozen=None: mdm_loss(model, batch, rng, eps=s.eps,
+                                                                         ssl_ratio=s.ssl_ratio),
+    make_eval=lambda s: _elbo_eval(lambda m, b, k: mdm_loss(m, b, k, eps=s.eps, ssl_ratio=0.0),
+                                   lambda b: b["segment_ids"] > 0),
+    **_DIFFUSION))
+# SMDM pads SFT rows with EOS, a target of mdm_sft (the model learns where the response ends).
+register(ObjectiveSpec(
+    "mdm_sft", MDMSFTConfig, auto_for=(("mdm", "sft"),), data_formats=("sft",), sft_pad="eos",
+    batch_fields=("inputs", "positions", "segment_ids", "prompt_mask"),
+    make_loss=lambda s: lambda model, batch, rng, frozen=None: mdm_sft_loss(model, batch, rng, eps=s.eps,
+                                                                             cfg_drop=s.cfg_drop),
+    make_eval=lambda s: _elbo_eval(lambda m, b, k: mdm_sft_loss(m, b, k, eps=s.eps),
+                                   lambda b: b["prompt_mask"] == 0),
+    **_DIFFUSION))

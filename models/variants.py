@@ -1,0 +1,95 @@
+"""One factory for every network the project builds, and the metadata that rebuilds it from a checkpoint.
+
+A variant is registered by name with a builder `(ModelConfig, options, rngs) -> nnx.Module` and the filter that
+says which of its weights train. `model.variant: {name: ..., <options>}` in the config picks one (None = the
+plain Transformer); the Control-LLM expansion and LoRA adapters register theirs next to this file. Every
+consumer (trainer, run loading, generate, eval, convert) builds through `build` / `abstract` from the model
+metadata stored with each checkpoint (`metadata` / `from_metadata`), never from whatever config is current.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from mathlm.models.transformer import ModelConfig, Transformer
+
+PLAIN = "plain"
+METADATA_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    build: Callable[[ModelConfig, dict, nnx.Rngs], nnx.Module]
+    # options -> a predicate over slash-joined weight paths (True = trains), or None: every weight trains unless
+    # train.trainable says otherwise
+    trainable: Callable[[dict], Callable[[str], bool] | None] = lambda options: None
+
+
+VARIANTS: dict[str, VariantSpec] = {}
+
+
+def register(spec: VariantSpec) -> VariantSpec:
+    VARIANTS[spec.name] = spec
+    return spec
+
+
+register(VariantSpec(PLAIN, lambda cfg, options, rngs: Transformer(cfg, rngs=rngs)))
+
+
+def _split(model_cfg: ModelConfig) -> tuple[VariantSpec, dict]:
+    variant = dict(model_cfg.variant or {"name": PLAIN})
+    name = variant.pop("name", PLAIN)
+    if name not in VARIANTS:
+        raise ValueError(f"model.variant: unknown variant {name!r}; choose from {', '.join(sorted(VARIANTS))}")
+    return VARIANTS[name], variant
+
+
+def validate(model_cfg: ModelConfig) -> None:
+    _split(model_cfg)
+
+
+def build(model_cfg: ModelConfig, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The network `model_cfg` describes (its `variant` included), initialised from `rngs`."""
+    spec, options = _split(model_cfg)
+    return spec.build(model_cfg, options, rngs if rngs is not None else nnx.Rngs(0))
+
+
+def init_params(model_cfg: ModelConfig, seed) -> dict:
+    """Freshly initialised weights as a pure dict (traceable: `seed` may be a traced integer)."""
+    model = build(model_cfg, nnx.Rngs(params=jax.random.key(seed)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, ShapeDtypeStruct pure dict of the weights) without allocating anything."""
+    model = nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(model, nnx.Param)
+    return graphdef, jax.eval_shape(lambda seed: init_params(model_cfg, seed), 0)
+
+
+def trainable_filter(model_cfg: ModelConfig, patterns: list[str] | None = None) -> Callable[[str], bool] | None:
+    """Which weights train: `patterns` (train.trainable regexes searched in weight paths) when given, else the
+    variant's own filter; None means every weight trains."""
+    if patterns is not None:
+        compiled = [re.compile(p) for p in patterns]
+        return lambda path: any(c.search(path) for c in compiled)
+    spec, options = _split(model_cfg)
+    return spec.trainable(options)
+
+
+def metadata(model_cfg: ModelConfig) -> dict:
+    """What a checkpoint records to rebuild its network: the whole model section (variant and structure)."""
+    return {"format": METADATA_FORMAT, "model": dataclasses.asdict(dataclasses.replace(model_cfg, init_from=None))}
+
+
+def from_metadata(meta: dict) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(meta["model"]) - fields)
+    if unknown:
+        raise ValueError(f"checkpoint model metadata has fields this version does not know: {', '.join(unknown)}")
+    return ModelConfig(**meta["model"])

@@ -1,0 +1,295 @@
+"""The training loop around the trainer's step: data, state (fresh, `init_from` or resumed), progress and metrics,
+periodic eval, checkpoints, SIGTERM and the NaN guard.
+
+  1. setup     - the compiled step (train/trainer.py), the run's data stores, the grain iterator
+  2. state     - resume the latest checkpoint (frozen weights from their recorded sources), or initialise
+  3. metrics   - one device_get per logging interval; the objective's spec turns its sums into logged values
+  4. loop      - step, log, eval, checkpoint, stop on preemption
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import signal
+
+import jax
+import numpy as np
+
+from mathlm import models
+from mathlm.train import checkpoint as ckpt
+from mathlm.train.config import Config, save_config
+from mathlm.train.objectives import sft_pad_is_eos
+from mathlm.train.runtime import flops_6nd, flops_per_token
+from mathlm.train.state import FrozenSourceError, source_record
+from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, to_global
+
+# Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
+RUNTIME_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
+
+
+class _Preemption:
+    """SIGTERM (a TPU preemption) sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. tests calling train() from a worker)
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# ----------------------------------------------------------------------------- 2: state
+
+def _frozen_records(setup: Setup, workdir: pathlib.Path, frozen: dict) -> dict:
+    """Where each frozen part lives: its `init_from` source when it came from there, else saved once now."""
+    cfg, out = setup.cfg, {"model": None, "sets": {}}
+    source = ckpt.resolve(cfg.model.init_from) if cfg.model.init_from else None
+    parts = [("model", frozen["model"])] + [(name, t) for name, t in frozen["sets"].items()]
+    for name, tree in parts:
+        if not jax.tree.leaves(tree):
+            continue
+        if source is not None:  # loaded from init_from unchanged: bit-identical to it
+            rec = source_record(*source)
+        else:
+            rec = ckpt.save_frozen_once(workdir / "frozen" / name, ckpt.flatten(tree))
+        if name == "model":
+            out["model"] = rec
+        else:
+            out["sets"][name] = rec
+    return out
+
+
+def _restore_frozen(setup: Setup, meta: dict | None, where: str) -> dict:
+    records = (meta or {}).get("frozen") or {"model": None, "sets": {}}
+    wants = [("model", records.get("model"), setup.abstract_frozen["model"], setup.frozen_sh["model"])]
+    wants += [(n, records.get("sets", {}).get(n), setup.abstract_frozen["sets"][n], setup.frozen_sh["sets"][n])
+              for n in setup.spec.frozen_sets]
+    out = {"model": {}, "sets": {}}
+    for name, rec, like, sh in wants:
+        if not jax.tree.leaves(like):
+            continue
+        if rec is None:
+            raise FrozenSourceError(f"{where}: the checkpoint records no source for the frozen weights "
+                                    f"'{name}' this config needs (train.trainable or the objective changed?)")
+        tree = ckpt.load_frozen_set(rec, like, sh, f"{where}: frozen weights '{name}'")
+        if name == "model":
+            out["model"] = tree
+        else:
+            out["sets"][name] = tree
+    return out
+
+
+def _check_model_meta(cfg: Config, meta: dict | None, where: str) -> None:
+    if meta is None:
+        return
+    have, want = meta["model"], models.metadata(cfg.model)["model"]
+    diff = [k for k in want if k not in RUNTIME_MODEL_FIELDS and have.get(k) != want[k]]
+    if diff:
+        raise ckpt.CheckpointError(f"{where} was written for a different model (model.{diff[0]}: "
+                                   f"{have.get(diff[0])!r} there, {want[diff[0]]!r} here); use a new --workdir "
+                                   "or the run's own config")
+
+
+def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathlib.Path, log):
+    """(start step, trainable, frozen, opt, data-iterator state or None, checkpoint metadata)."""
+    cfg = setup.cfg
+    start = checkpointer.latest_step()
+    if start is not None:
+        where = f"{checkpointer.directory} (step {start})"
+        trainable, opt, data_state, meta = checkpointer.restore(start, setup.abstract_trainable, setup.trainable_sh,
+                                                                setup.abstract_opt, setup.opt_sh)
+        _check_model_meta(cfg, meta, where)
+        frozen = _restore_frozen(setup, meta, where)
+        log(f"resuming from step {start} (checkpoint in {checkpointer.directory})")
+        return start, trainable, frozen, opt, data_state, meta or {**models.metadata(cfg.model), "frozen": None}
+    trainable, frozen, opt = setup.init_fn(cfg.train.seed)
+    if cfg.model.init_from:
+        params, from_step = ckpt.load_params(cfg.model.init_from, setup.abstract_params, setup.params_sh)
+        trainable, frozen_model = setup.split(params)
+        frozen = setup.frozen_from(params, frozen_model)
+        log(f"initialised params from {cfg.model.init_from} (step {from_step})")
+    meta = {**models.metadata(cfg.model), "frozen": _frozen_records(setup, workdir, frozen)}
+    return 0, trainable, frozen, opt, None, meta
+
+
+def _log_frozen(setup: Setup, log) -> None:
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_frozen["model"]))
+    if n_frozen:
+        n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_params))
+        log(f"frozen: {n_frozen:,} of {n_all:,} params (no gradients, no optimizer state)")
+    for name in setup.spec.frozen_sets:
+        log(f"frozen set '{name}': a copy of the initial model")
+
+
+# ----------------------------------------------------------------------------- 1, 3, 4: data, metrics, loop
+
+def _byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
+    special = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    return np.asarray([0 if tokenizer.hf.id_to_token(i) is None or i in special
+                       else len(tokenizer.hf.id_to_token(i)) for i in range(vocab_size)])
+
+
+def _peak_flops(cfg: Config) -> float:
+    from mathlm.train.runtime import measured_matmul_peak, peak_flops_per_device
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops
+    if jax.devices()[0].platform == "cpu":  # all host cores drive one XLA CPU client per process
+        return measured_matmul_peak() * jax.process_count()
+    return peak_flops_per_device() * jax.device_count()
+
+
+def _data(cfg: Config, workdir: pathlib.Path, lead: bool, log):
+    """(tokenizer, training source, eval batches) for this process."""
+    from mathlm.data.pipeline import eval_batches, make_source
+    from mathlm.train.data_setup import prepare_run_data
+    t = cfg.train
+    data = prepare_run_data(cfg, workdir, log)
+    # The objective's padding policy: EOS for mdm_sft (a target there), pad otherwise (masked either way).
+    pad = data.tokenizer.eos_id if sft_pad_is_eos(cfg) else data.tokenizer.pad_id
+    src = make_source(data.train_url, cfg.data.format, t.seq_len, pad, cfg.data.truncate)
+    if lead:
+        from mathlm.data.store import unigram_entropy
+        log(f"training data: unigram entropy {unigram_entropy(src.store):.3f} nats/token (the loss of a "
+            "context-free model)")
+    if src.truncated:
+        log(f"[yellow]{src.truncated} training examples are longer than {t.seq_len + 1} tokens; truncated")
+    evals = []
+    if data.validation_url and t.eval_every > 0:
+        vsrc = make_source(data.validation_url, cfg.data.format, t.seq_len, pad, True)
+        evals = eval_batches(vsrc, global_batch=t.batch_size, process_index=jax.process_index(),
+                             process_count=jax.process_count(), max_batches=t.eval_batches)
+        if not evals:
+            log("[yellow]validation set smaller than one batch: periodic eval disabled")
+    return data.tokenizer, src, evals
+
+
+class _Metrics:
+    """Device metrics of each step, fetched once per logging interval and summarised by the objective's spec."""
+
+    def __init__(self, setup: Setup, meter, checkpointer):
+        self.setup, self.meter, self.checkpointer, self.pending = setup, meter, checkpointer, []
+
+    def add(self, step: int, metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, step: int) -> dict:
+        """Fetch pending metrics; stop on the first non-finite loss (before any checkpoint could store it)."""
+        if not self.pending:
+            return {}
+        t, cfg = self.setup.cfg.train, self.setup.cfg
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), m in zip(self.pending, fetched):
+            if not math.isfinite(float(m["loss"])):
+                self.pending = []
+                raise TrainingError(f"loss is {float(m['loss'])} at step {s}; stopped. The last good checkpoint "
+                                    f"(step {self.checkpointer.latest_step()}) is intact")
+        m = fetched[-1]
+        row = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "tokens")}
+        row.update(self.setup.spec.summarize(m))
+        # C = 6·N·D (N non-embedding params, D tokens seen, padding and SSL-cropped positions included: the
+        # compute axis of the SMDM/Chinchilla IsoFLOP curves); from the step count, so it survives a resume.
+        row["tokens_seen"] = float(step) * t.batch_size * t.seq_len
+        row["flops_6nd"] = flops_6nd(cfg.model, row["tokens_seen"])
+        row.update(self.meter.interval(len(fetched) * t.batch_size * t.seq_len))
+        row["loss_tokens"] = sum(float(x["tokens"]) for x in fetched)
+        self.pending = []
+        return row
+
+
+def _run_eval(setup: Setup, eval_fn, trainable, frozen, evals) -> dict:
+    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for b in evals:
+        out = jax.device_get(eval_fn(trainable, frozen, to_global(setup, b)))
+        for k in sums:
+            sums[k] += float(out[k])
+    loss = sums["nll"] / max(sums["tokens"], 1.0)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)),
+            "eval/bpb": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns the last logged metrics.
+
+    `stop_after` ends this invocation early at that step (saving a checkpoint), as a preemption would.
+    """
+    from mathlm.data.pipeline import train_dataset
+    from mathlm.train.metrics import RunLogger, Throughput, console
+
+    workdir = pathlib.Path(workdir).absolute()
+    setup = build(cfg)
+    lead = jax.process_index() == 0
+    log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, workdir / "config.yaml")
+    t = cfg.train
+    tokenizer, src, evals = _data(cfg, workdir, lead, log)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log)
+    log(f"model: {cfg.model.param_count():,} params; mesh {dict(setup.mesh.shape)}; "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+    _log_frozen(setup, log)
+
+    ds = train_dataset(src, global_batch=t.batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count(), seed=t.seed, threads=cfg.data.grain_workers,
+                       prefetch=cfg.data.prefetch)
+    it = iter(ds)
+    if data_state is not None:
+        it.set_state(data_state)
+    eval_fn = make_eval_fn(setup, _byte_lengths(tokenizer, cfg.model.vocab_size))
+    logger = RunLogger(workdir, t.steps, enabled=lead, start_step=start, show_progress=show_progress)
+    meter = Throughput(flops_per_token(cfg.model, t.seq_len), _peak_flops(cfg))
+    metrics = _Metrics(setup, meter, checkpointer)
+    last = {}
+    step = start
+    with _Preemption() as preempt:
+        try:
+            meter.reset()
+            while step < t.steps:
+                trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, next(it)))
+                step += 1
+                metrics.add(step, m)
+                if step % t.log_every == 0 or step == t.steps:
+                    last = metrics.flush(step)
+                    logger.log(step, last)
+                else:
+                    logger.advance(step)
+                if evals and (step % t.eval_every == 0 or step == t.steps):
+                    last_eval = _run_eval(setup, eval_fn, trainable, frozen, evals)
+                    logger.log(step, last_eval)
+                    last.update(last_eval)
+                    meter.reset()
+                if stop_after is not None and step >= stop_after:
+                    preempt.requested = True
+                if step % cfg.checkpoint.every_steps == 0 or step == t.steps or preempt.requested:
+                    metrics.flush(step)
+                    checkpointer.save(step, trainable, opt, it.get_state(), meta)
+                if preempt.requested:
+                    checkpointer.wait()
+                    logger.info(f"stopping: saved checkpoint at step {step}; rerun the same command to resume")
+                    break
+        finally:
+            checkpointer.close()
+            logger.close()
+    last["step"] = step
+    last["preempted"] = preempt.requested
+    return last
+
+
+def final_params(workdir: str | pathlib.Path, cfg: Config):
+    """The latest whole-model params of a run (frozen weights included), for tests and tools."""
+    setup = build(cfg)
+    params, _ = ckpt.load_params(str(workdir), setup.abstract_params, setup.params_sh)
+    return params

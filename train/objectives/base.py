@@ -1,0 +1,86 @@
+"""The objective contract, its spec, the registry, and the pieces every LM objective shares.
+
+Contract: `loss(model, batch, rng, frozen) -> (loss_sum, metrics)`
+  - `model`: the NNX module with the trainable + frozen weights merged in;
+  - `batch`: dict of (B, L) arrays (see mathlm.data.pipeline; `spec.batch_fields` names the ones it reads);
+  - `rng`: a PRNG key for stochastic objectives (diffusion masking), distinct per micro-batch and step;
+  - `frozen`: the extra parameter sets it asked for by name in `spec.frozen_sets` (e.g. a DPO reference model),
+    a dict of pure-dict pytrees passed into the jitted step as sharded arguments; empty for most objectives;
+  - returns the *sum* of the loss over the batch and `metrics`, which must hold `denom`, the normaliser of that
+    sum (e.g. the number of loss tokens). The trainer divides Σ loss_sum by Σ denom over all micro-batches, so k
+    micro-batches give exactly the gradient of one k-times larger batch. Other metrics are sums, turned into
+    logged values by `spec.summarize`.
+Auxiliary losses a model sows as `nnx.Intermediate` under the name `aux_loss` (Control-LLM divergence) are mean
+values; objectives call the model through `forward`, which captures them (`nnx.capture`), and `add_aux_losses`
+folds them in with the same normaliser.
+
+Everything objective-specific lives in its `ObjectiveSpec`: the typed `train.objective` section, defaults that
+depend on the objective, validation, loss, held-out eval, padding policy, batch fields, logged metrics and the label
+the CLI prints. The trainer, config loader, CLI and data pipeline ask the spec; none of them names an objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+LM_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def _lm_summary(m: dict) -> dict:
+    """Logged values of a next-token objective: accuracy over the loss tokens (`tokens` is the summed denom)."""
+    return {"accuracy": float(m["correct_sum"]) / max(float(m["tokens"]), 1.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    section: type  # frozen dataclass with a `name` field: the typed `train.objective` section
+    make_loss: Callable[[Any], Objective]  # section -> loss(model, batch, rng, frozen)
+    model_kind: str  # "arm" | "mdm" (ModelConfig.kind): the kind of model it trains
+    data_formats: tuple[str, ...] = ("lm", "sft")
+    auto_for: tuple[tuple[str, str], ...] = ()  # (model kind, data.format) pairs for which `auto` picks it
+    # section -> eval(model, batch, byte_table) -> {nll, tokens, bytes} sums; None = next-token NLL (the default)
+    make_eval: Callable[[Any], Callable] | None = None
+    validate: Callable[[Any, Any], list[tuple[bool, str]]] | None = None  # (section, cfg) -> [(ok, message)]
+    default_lr: float = 3e-4  # train.lr when the config leaves it unset
+    default_warmup: Callable[[int], int] = lambda steps: 100  # train.steps -> train.warmup_steps when unset
+    sft_pad: str = "pad"  # what fills an SFT row after its example: "pad" (masked) or "eos" (a target)
+    batch_fields: tuple[str, ...] = LM_FIELDS
+    metric_names: tuple[str, ...] = ("accuracy",)  # what `summarize` logs besides loss/grad_norm/lr/tokens
+    summarize: Callable[[dict], dict] = _lm_summary  # fetched metric sums (+ "tokens") -> logged values
+    eval_label: str | None = None  # printed after the held-out figures, e.g. "Monte-Carlo ELBO, upper bounds"
+    frozen_sets: tuple[str, ...] = ()  # extra parameter sets the loss reads from `frozen`, by name
+
+
+REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"objective {spec.name!r} is registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in float32, (B, L)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array]:
+    """Run the model, capturing what it sows: (logits, Σ of every `aux_loss`, a float32 scalar)."""
+    logits, sown = nnx.capture(model, nnx.Intermediate)(*args)
+    values = [v for path, v in jax.tree_util.tree_leaves_with_path(sown)
+              if any(getattr(k, "key", None) == "aux_loss" for k in path)]
+    return logits, sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in values), jnp.zeros((), jnp.float32))
+
+
+def add_aux_losses(loss_sum: jax.Array, aux: jax.Array, denom: jax.Array) -> jax.Array:
+    """A summed loss plus the (mean) auxiliary losses scaled by the same normaliser."""
+    return loss_sum + aux * denom
