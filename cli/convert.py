@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Annotated
 
 import typer
+
 from mathlm.cli.errors import one_line_errors
 
 app = typer.Typer(help="Convert between mathlm runs and Hugging Face (transformers) model folders.",
@@ -25,11 +27,14 @@ def _verify(run: pathlib.Path | str, hf_dir: pathlib.Path, atol: float) -> None:
 
 @app.command("to-hf", no_args_is_help=True)
 def to_hf(
-    run: str = typer.Argument(..., help="run folder, its checkpoints/ folder or one step folder"),
-    out_dir: pathlib.Path = typer.Argument(..., help="Hugging Face model folder to write"),
-    verify: bool = typer.Option(False, "--verify", help="compare logits with transformers (needs mathlm[hf])"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="split model.safetensors above this size"),
-    atol: float = typer.Option(1e-4, "--atol", help="--verify: largest allowed |logit difference| (float32)"),
+    run: Annotated[str, typer.Argument(help="run folder, its checkpoints/ folder or one step folder")],
+    out_dir: Annotated[pathlib.Path, typer.Argument(help="Hugging Face model folder to write")],
+    verify: Annotated[bool, typer.Option("--verify", help="compare logits with transformers (needs "
+                                                          "mathlm[hf])")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="split model.safetensors above this "
+                                                                         "size")] = "5GB",
+    atol: Annotated[float, typer.Option("--atol", help="--verify: largest allowed |logit difference| "
+                                                       "(float32)")] = 1e-4,
 ):
     """Export a causal mathlm model as LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), float32."""
     with one_line_errors():
@@ -45,10 +50,14 @@ def to_hf(
 
 @app.command("from-hf", no_args_is_help=True)
 def from_hf(
-    hf_dir: pathlib.Path = typer.Argument(..., help="Hugging Face folder: config.json, *.safetensors, tokenizer.json"),
-    out_ckpt: pathlib.Path = typer.Argument(..., help="mathlm run folder to write (config.yaml + checkpoints/0)"),
-    verify: bool = typer.Option(False, "--verify", help="compare logits with transformers (needs mathlm[hf])"),
-    atol: float = typer.Option(1e-4, "--atol", help="--verify: largest allowed |logit difference| (float32)"),
+    hf_dir: Annotated[pathlib.Path, typer.Argument(help="Hugging Face folder: config.json, *.safetensors, "
+                                                        "tokenizer.json")],
+    out_ckpt: Annotated[pathlib.Path, typer.Argument(help="mathlm run folder to write (config.yaml + "
+                                                          "checkpoints/0)")],
+    verify: Annotated[bool, typer.Option("--verify", help="compare logits with transformers (needs "
+                                                          "mathlm[hf])")] = False,
+    atol: Annotated[float, typer.Option("--atol", help="--verify: largest allowed |logit difference| "
+                                                       "(float32)")] = 1e-4,
 ):
     """Import a Llama, Mistral or Qwen2 checkpoint (safetensors) as a mathlm run, usable by train/generate/eval."""
     with one_line_errors():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
-from typing import List
+from typing import Annotated
 
 import typer
 
@@ -15,12 +15,12 @@ tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers.", no_args_is_
 
 @data_app.command("synth")
 def synth(
-    out: pathlib.Path = typer.Option(..., "--out", help="output folder for train/validation/test .jsonl"),
-    n: int = typer.Option(50000, "--n", help="number of problems over all splits"),
-    seed: int = typer.Option(0, "--seed"),
-    min_steps: int = typer.Option(1, "--min-steps", help="fewest reasoning steps per problem (1-5)"),
-    max_steps: int = typer.Option(5, "--max-steps", help="most reasoning steps per problem (1-5)"),
-    max_value: int = typer.Option(100, "--max-value", help="largest operand"),
+    out: Annotated[pathlib.Path, typer.Option("--out", help="output folder for train/validation/test .jsonl")],
+    n: Annotated[int, typer.Option("--n", help="number of problems over all splits")] = 50000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    min_steps: Annotated[int, typer.Option("--min-steps", help="fewest reasoning steps per problem (1-5)")] = 1,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="most reasoning steps per problem (1-5)")] = 5,
+    max_value: Annotated[int, typer.Option("--max-value", help="largest operand")] = 100,
 ):
     """Generate the built-in synthetic grade-school math corpus (GSM8K format, answers checked with sympy)."""
     with one_line_errors():
@@ -38,9 +38,9 @@ def synth(
 
 @data_app.command("prepare")
 def prepare(
-    files: List[str] = typer.Argument(..., help="JSONL/text files or globs, or hf:NAME[:SPLIT]"),
-    tokenizer: pathlib.Path = typer.Option(..., "--tokenizer", help="tokenizer.json"),
-    out: str = typer.Option(..., "--out", help="store path or tensorstore URL (e.g. gs://bucket/tokens)"),
+    files: Annotated[list[str], typer.Argument(help="JSONL/text files or globs, or hf:NAME[:SPLIT]")],
+    tokenizer: Annotated[pathlib.Path, typer.Option("--tokenizer", help="tokenizer.json")],
+    out: Annotated[str, typer.Option("--out", help="store path or tensorstore URL (e.g. gs://bucket/tokens)")],
 ):
     """Tokenize text into a tensorstore token store that `mathlm train` reads (data.train=STORE)."""
     with one_line_errors():
@@ -53,10 +53,12 @@ def prepare(
 
 @tokenizer_app.command("train")
 def train_tok(
-    files: List[str] = typer.Argument(..., help="JSONL/text files or globs"),
-    vocab_size: int = typer.Option(4096, "--vocab-size", help="tokens incl. pad/bos/eos (a mask token is added)"),
-    out: pathlib.Path = typer.Option(pathlib.Path("tokenizer.json"), "--out"),
-    max_examples: int = typer.Option(1_000_000, "--max-examples", help="train on at most this many examples"),
+    files: Annotated[list[str], typer.Argument(help="JSONL/text files or globs")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="tokens incl. pad/bos/eos (a mask token is "
+                                                                 "added)")] = 4096,
+    out: Annotated[pathlib.Path, typer.Option("--out")] = pathlib.Path("tokenizer.json"),
+    max_examples: Annotated[int, typer.Option("--max-examples", help="train on at most this many "
+                                                                     "examples")] = 1_000_000,
 ):
     """Train a byte-level BPE tokenizer (digits split one per token) and save it as tokenizer.json."""
     with one_line_errors():

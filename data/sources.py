@@ -2,6 +2,11 @@
 
 Every source yields `Example(prompt, response)`. Plain documents have an empty prompt; question/answer pairs use
 the zero-shot format our SFT trains and `mathlm eval` prompts with: "Question: …\nAnswer:" + " …".
+
+The one home of two things every reader shares: `read_jsonl_records` (JSON objects, one a line, errors naming
+file:line; task files, exemplar files, saved completions and prompt files are read through it) and the
+`hf:NAME[:CONFIG][:SPLIT]` grammar (`parse_hf`, `load_hf`), whose default split is the caller's: `train` for
+training data, `test` for evaluation tasks. `read_prompts` reads `mathlm generate --prompts` files.
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import dataclasses
 import glob
 import json
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class DataError(ValueError):
@@ -59,16 +64,47 @@ def _from_record(rec: dict, where: str) -> Example:
     raise DataError(f"{where}: needs a 'text' field or 'question'/'answer' (or 'prompt'/'response') fields")
 
 
-def read_jsonl(path: str) -> Iterator[Example]:
+def read_jsonl_records(path: str | pathlib.Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line of a JSONL file, where = "path:line". DataError (one line, naming
+    file:line) for a missing file, malformed JSON or a line that is not a JSON object."""
+    if not pathlib.Path(path).is_file():
+        raise DataError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            yield _from_record(rec, f"{path}:{lineno}")
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            yield where, rec
+
+
+def read_jsonl(path: str) -> Iterator[Example]:
+    for where, rec in read_jsonl_records(path):
+        yield _from_record(rec, where)
+
+
+def read_prompts(path: str | pathlib.Path) -> list[str]:
+    """Prompts for `mathlm generate --prompts`: a .jsonl file has `prompt` (used as is) or `question` (asked as
+    "Question: …\nAnswer:") per line; any other file is one prompt per non-blank line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    if path.suffix != ".jsonl":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for where, rec in read_jsonl_records(path):
+        if "prompt" in rec:
+            prompts.append(str(rec["prompt"]))
+        elif "question" in rec:
+            prompts.append(qa_prompt(str(rec["question"])))
+        else:
+            raise DataError(f"{where}: a prompts line needs a 'prompt' (or 'question') field")
+    return prompts
 
 
 def read_text(path: str) -> Iterator[Example]:
@@ -85,18 +121,40 @@ def read_text(path: str) -> Iterator[Example]:
         yield Example("", "".join(doc).rstrip("\n"))
 
 
-def read_hf(name: str) -> Iterator[Example]:
-    spec = name[3:]
-    dataset, _, split = spec.partition(":")
+@dataclasses.dataclass(frozen=True)
+class HfSpec:
+    dataset: str
+    config: str | None
+    split: str
+
+
+def parse_hf(name: str, default_split: str) -> HfSpec:
+    """`hf:NAME[:CONFIG][:SPLIT]`: two parts are NAME:SPLIT, three NAME:CONFIG:SPLIT; no (or an empty) split means
+    default_split, the caller's: `train` for training data, `test` for evaluation tasks."""
+    dataset, *rest = name.removeprefix("hf:").split(":")
+    if not dataset or len(rest) > 2:
+        raise DataError(f"{name}: expected hf:NAME[:CONFIG][:SPLIT]")
+    config = rest[0] if len(rest) == 2 else None
+    return HfSpec(dataset, config or None, (rest[-1] if rest else "") or default_split)
+
+
+def load_hf(name: str, default_split: str):
+    """The `datasets.Dataset` an hf: name points at (needs `datasets` and the network); DataError if not."""
+    spec = parse_hf(name, default_split)
     try:
         import datasets  # optional: only when the network allows
     except ImportError:
-        raise DataError(f"{name}: Hugging Face datasets need `pip install datasets`") from None
+        raise DataError(f"{name}: reading Hugging Face datasets needs `pip install datasets`") from None
     try:
-        ds = datasets.load_dataset(dataset, split=split or "train")
+        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        raise DataError(f"{name}: could not load from the Hugging Face hub ({type(e).__name__})") from None
-    for i, rec in enumerate(ds):
+        first = (str(e).splitlines() or [""])[0]
+        raise DataError(f"{name}: could not load from the Hugging Face hub ({type(e).__name__}: {first})") from None
+
+
+def read_hf(name: str) -> Iterator[Example]:
+    """Training examples from a Hugging Face dataset (default split: train)."""
+    for i, rec in enumerate(load_hf(name, default_split="train")):
         yield _from_record(dict(rec), f"{name}[{i}]")
 
 

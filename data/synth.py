@@ -5,6 +5,10 @@ computed with sympy integer arithmetic and the solution text is checked
 against those values before a problem is kept, so no answer is ever wrong.
 Answers have one line per step and end with "#### N", like GSM8K, but without
 GSM8K's "<<...>>" calculator notes.
+
+`generate` splits the problems into train/validation/test by a hash of the question; `write_jsonl` writes them as
+<split>.jsonl. `split_paths` / `ensure_splits` are the one place that names a corpus' folder
+(`synth-n{n}-s{seed}-k{max_steps}`), used by training (`data.train: [synth]`) and by `mathlm eval --task synth`.
 """
 from __future__ import annotations
 
@@ -179,6 +183,7 @@ TEMPLATES: dict[str, dict] = {
         ask=["How many pages has {name} read in total?"]),
 }
 TEMPLATE_NAMES = [*TEMPLATES, "ages"]
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +195,11 @@ class SynthConfig:
     max_value: int = 100  # upper bound for every number that appears in a question
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+
+    @classmethod
+    def from_data(cls, data) -> SynthConfig:
+        """The corpus a run's `data:` section asks for (its synth_n, synth_seed and synth_max_steps)."""
+        return cls(n=data.synth_n, seed=data.synth_seed, max_steps=data.synth_max_steps)
 
 
 class _Reject(Exception):
@@ -365,7 +375,7 @@ def generate(cfg: SynthConfig) -> dict[str, list[dict]]:
     """cfg.n unique problems, split into train/validation/test by question hash."""
     _check_config(cfg)
     rng = random.Random(cfg.seed)
-    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
     seen: set[str] = set()
     attempts = misses = 0
     while len(seen) < cfg.n:
@@ -394,6 +404,21 @@ def write_jsonl(splits: dict[str, list[dict]], out_dir: str | pathlib.Path) -> d
         with open(paths[name], "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return paths
+
+
+def split_paths(root: str | pathlib.Path, cfg: SynthConfig) -> dict[str, pathlib.Path]:
+    """Where the corpus of `cfg` lives under `root`: root/synth-n{n}-s{seed}-k{max_steps}/<split>.jsonl (named by
+    the settings a run's `data:` section can choose; see SynthConfig.from_data)."""
+    folder = pathlib.Path(root) / f"synth-n{cfg.n}-s{cfg.seed}-k{cfg.max_steps}"
+    return {split: folder / f"{split}.jsonl" for split in SPLITS}
+
+
+def ensure_splits(root: str | pathlib.Path, cfg: SynthConfig) -> dict[str, pathlib.Path]:
+    """split_paths, generating and writing the corpus first if any split file is missing (it is deterministic)."""
+    paths = split_paths(root, cfg)
+    if not all(p.is_file() for p in paths.values()):
+        write_jsonl(generate(cfg), paths["train"].parent)
     return paths
 
 

@@ -31,7 +31,7 @@ import pathlib
 from collections.abc import Iterable, Iterator
 
 from mathlm.data import answers
-from mathlm.data.sources import DataError, qa_prompt
+from mathlm.data.sources import DataError, qa_prompt, read_jsonl_records
 
 EXEMPLAR_DIR = pathlib.Path(__file__).parent / "exemplars"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -160,7 +160,7 @@ def load_exemplars(path: str | pathlib.Path) -> list[tuple[str, str]]:
         records = data["exemplars"] if isinstance(data, dict) else data
         wheres = [f"{path}: exemplar {i + 1}" for i in range(len(records) if isinstance(records, list) else 0)]
     else:
-        pairs = list(_read_jsonl(path))
+        pairs = list(read_jsonl_records(path))
         wheres, records = [w for w, _ in pairs], [r for _, r in pairs]
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: no exemplars (expected {{'exemplars': [...]}}, a JSON list or JSONL)")
@@ -214,23 +214,6 @@ def build_prompt(problem: Problem | str, task: str, shots: int | None = None, st
 
 # ---------------------------------------------------------------- task files
 
-def _read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[str, dict]]:
-    if not pathlib.Path(path).is_file():
-        raise DataError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            yield where, rec
-
-
 def _field(rec: dict, name: str, where: str):
     if rec.get(name) is None:
         raise DataError(f"{where}: missing field '{name}'")
@@ -283,7 +266,7 @@ def load_problems(path: str | pathlib.Path, task: str, limit: int | None = None)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     problems: list[Problem] = []
-    for where, rec in _read_jsonl(path):
+    for where, rec in read_jsonl_records(path):
         if limit is not None and len(problems) >= limit:
             break
         own_id = rec.get(TASKS[task].id_field, rec.get("id"))
@@ -343,7 +326,25 @@ def score_records(records: Iterable[dict], task: str, style: str | None = None,
 
 def score_file(path: str | pathlib.Path, task: str, style: str | None = None) -> Iterator[dict]:
     """score_records over a JSONL file, errors naming file:line."""
-    return _score(_read_jsonl(path), task, style)
+    return _score(read_jsonl_records(path), task, style)
+
+
+def rescore_file(path: str | pathlib.Path, task: str, style: str | None = None,
+                 out: str | pathlib.Path | None = None) -> tuple[int, int]:
+    """`mathlm eval score`: score_file, the graded lines written to `out` when given; returns (correct, total) over
+    every completion. Bad input is a DataError of one line (unknown task, missing file, file:line, no lines)."""
+    try:
+        scored = list(score_file(path, task, style))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not scored:
+        raise DataError(f"{path}: no lines")
+    if out:
+        with open(out, "w") as f:
+            for rec in scored:
+                f.write(json.dumps(rec) + "\n")
+    flags = [c for rec in scored for c in (rec["correct"] if isinstance(rec["correct"], list) else [rec["correct"]])]
+    return sum(flags), len(flags)
 
 
 def accuracy_by_extractor(scored: Iterable[dict]) -> dict[str, float]:

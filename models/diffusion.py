@@ -27,9 +27,10 @@ Sampling (`sample`, host driver `DiffusionGenerator`), following the reference `
         count (n_mask * (1 - s/t) < 1) to 0, then reveals one per step and two at the last: [0, 1, ..., 1, 2]
         (measured in experiments/sampler_identities). Ours reveals exactly one slot per step, and at most one more
         than the reference on any step. The last step reveals the rest.
-  - unsupervised classifier-free guidance (SMDM Sec. 4): the unconditional input is the same canvas with the prompt
-    replaced by masks; logits = l_u + (w + 1)(l_c - l_u); both halves in one forward (concatenated on the batch
-    axis). w = 0 compiles the conditional path alone (token-identical to no guidance).
+  - unsupervised classifier-free guidance (SMDM Sec. 4), weight w = `guidance` (the reference's cfg_scale): the
+    unconditional input is the same canvas with the prompt replaced by masks; logits = l_u + (w + 1)(l_c - l_u);
+    both halves in one forward (concatenated on the batch axis). w = 0 compiles the conditional path alone
+    (token-identical to no guidance).
 
 Likelihood:
   - `elbo_nll`: the Monte-Carlo ELBO (an upper bound on the NLL, nats) with stratified times
@@ -51,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
 from mathlm.models.generate import ContextOverflow, Output, _bucket_len, _cut
 from mathlm.models.transformer import Transformer
 
@@ -62,7 +64,7 @@ RULES = ("low_confidence", "ancestral")
 
 def check_model(model: Transformer) -> None:
     """A diffusion sampler needs a bidirectional model with a mask-token embedding row."""
-    if model.cfg.causal:
+    if model.cfg.kind != "mdm":
         raise ValueError("diffusion sampling and scoring need a bidirectional model (model.causal=false); "
                          "this one is causal")
     if not model.cfg.mask_token:
@@ -75,7 +77,7 @@ class DiffusionSampling:
     steps: int = 256
     temperature: float = 0.0  # 0 = greedy argmax
     rule: str = "low_confidence"  # or "ancestral"
-    cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w; 0 = off
+    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (the reference's cfg_scale); 0 = off
     eps: float = EPS
 
     def validate(self) -> None:
@@ -87,15 +89,22 @@ class DiffusionSampling:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        check_guidance(self.guidance)
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
 
 
 # --- shared pieces ------------------------------------------------------------------------------------------------
 
-def guided_logits(model: Transformer, tokens, positions, segment_ids, prompt_mask, cfg_scale=0.0, *,
+def check_guidance(guidance: float, prompts: Sequence[Sequence[int]] = ()) -> None:
+    """ValueError for a negative guidance weight, or guidance > 0 with an empty prompt (nothing to condition on)."""
+    if guidance < 0:
+        raise ValueError(f"guidance/cfg_scale must be >= 0, got {guidance}")
+    if guidance > 0 and any(len(p) == 0 for p in prompts):
+        raise ValueError("classifier-free guidance (guidance > 0) needs a non-empty prompt in every row")
+
+
+def guided_logits(model: Transformer, tokens, positions, segment_ids, prompt_mask, guidance=0.0, *,
                   guided: bool = False):
     """(B, T, V) logits. With `guided`, unsupervised CFG: l_u + (w + 1)(l_c - l_u), where the unconditional input is
     `tokens` with the prompt (prompt_mask) replaced by masks; both halves run as one (2B, T) forward."""
@@ -106,16 +115,16 @@ def guided_logits(model: Transformer, tokens, positions, segment_ids, prompt_mas
     both = model(jnp.concatenate([tokens, uncond]), jnp.concatenate([positions, positions]),
                  jnp.concatenate([segment_ids, segment_ids]))
     cond, unc = both[:b], both[b:]
-    return unc + (cfg_scale + 1) * (cond - unc)
+    return unc + (guidance + 1) * (cond - unc)
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------
 
-def sample(model: Transformer, canvas, positions, segment_ids, keys, temperature, cfg_scale, *, length: int,
+def sample(model: Transformer, canvas, positions, segment_ids, keys, temperature, guidance, *, length: int,
            steps: int, rule: str, greedy: bool, guided: bool, eps: float = EPS, history: bool = False):
     """Traceable sampling loop. canvas (B, P + length) int32 holds [padding | prompt | `length` masks]; keys (B, 2)
-    raw PRNG keys, one per row. temperature / cfg_scale may be traced; `greedy` (temperature == 0) and `guided`
-    (cfg_scale > 0) pick the compiled variant. Returns (canvas, hist): hist (steps, B, length) is the generation
+    raw PRNG keys, one per row. temperature / guidance may be traced; `greedy` (temperature == 0) and `guided`
+    (guidance > 0) pick the compiled variant. Returns (canvas, hist): hist (steps, B, length) is the generation
     region after each step when `history`, else None."""
     check_model(model)
     mid = model.cfg.vocab_size
@@ -130,7 +139,7 @@ def sample(model: Transformer, canvas, positions, segment_ids, keys, temperature
         last = i == steps - 1
         gen = x[:, p_len:]
         is_mask = gen == mid
-        logits = guided_logits(model, x, positions, segment_ids, prompt_mask, cfg_scale, guided=guided)[:, p_len:]
+        logits = guided_logits(model, x, positions, segment_ids, prompt_mask, guidance, guided=guided)[:, p_len:]
         step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i)))(keys)  # (B, 2, 2)
         if greedy:
             x0 = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -179,10 +188,10 @@ class DiffusionGenerator:
         self.batch_sharding = batch_sharding
         self._sample = jax.jit(self._sample_impl, static_argnames=("static",))
 
-    def _sample_impl(self, params, canvas, positions, segment_ids, keys, temperature, cfg_scale, static):
+    def _sample_impl(self, params, canvas, positions, segment_ids, keys, temperature, guidance, static):
         model = nnx.merge(self.graphdef, params)
         length, steps, rule, greedy, guided, eps, history = static
-        return sample(model, canvas, positions, segment_ids, keys, temperature, cfg_scale, length=length,
+        return sample(model, canvas, positions, segment_ids, keys, temperature, guidance, length=length,
                       steps=steps, rule=rule, greedy=greedy, guided=guided, eps=eps, history=history)
 
     def __call__(self, prompts: Sequence[Sequence[int]], settings: DiffusionSampling, keys: jax.Array | None = None,
@@ -192,8 +201,7 @@ class DiffusionGenerator:
         settings.validate()
         if not prompts:
             raise ValueError("need at least one prompt")
-        if settings.cfg_scale > 0 and any(len(p) == 0 for p in prompts):
-            raise ValueError("classifier-free guidance (cfg_scale > 0) needs a non-empty prompt in every row")
+        check_guidance(settings.guidance, prompts)
         n_real, length = len(prompts), settings.max_new_tokens
         b = max(n_real, pad_batch_to or 0)
         longest = max(len(p) for p in prompts)
@@ -223,11 +231,11 @@ class DiffusionGenerator:
             keys = np.concatenate([keys, np.broadcast_to(keys[:1], (b - keys.shape[0], 2))])
         keys = keys[:b]
         put = (lambda x: jax.device_put(x, self.batch_sharding)) if self.batch_sharding else jnp.asarray
-        static = (length, settings.steps, settings.rule, greedy, settings.cfg_scale > 0, settings.eps,
+        static = (length, settings.steps, settings.rule, greedy, settings.guidance > 0, settings.eps,
                   return_history)
         t0 = time.perf_counter()
         out, hist = self._sample(self.params, put(canvas), put(positions), put(segment_ids), put(keys),
-                                 jnp.float32(settings.temperature), jnp.float32(settings.cfg_scale), static=static)
+                                 jnp.float32(settings.temperature), jnp.float32(settings.guidance), static=static)
         out, hist = jax.device_get((out, hist))
         seconds = time.perf_counter() - t0
         rows = [_cut(out[i, p_len:], self.eos_id) for i in range(n_real)]
@@ -271,7 +279,7 @@ def _target_logp(logits, tokens):
 
 
 def elbo_nll(model: Transformer, batch: dict, keys, *, n_samples: int, chunk: int | None = None, eps: float = EPS,
-             cfg_scale: float = 0.0, guided: bool = False, return_samples: bool = False):
+             guidance: float = 0.0, guided: bool = False, return_samples: bool = False):
     """Monte-Carlo ELBO, per row: (nll_upper_bound (B,), standard_error (B,)) in nats [, samples (B, n)].
 
     batch: `pack`'s arrays (B, T). keys (B, 2): one raw PRNG key per row. Samples are evaluated `chunk` at a time
@@ -304,7 +312,7 @@ def elbo_nll(model: Transformer, batch: dict, keys, *, n_samples: int, chunk: in
     def group(args):
         m, pg = args  # (B, chunk, T), (B, chunk)
         x = jnp.where(m, mid, tokens[:, None]).reshape(b * chunk, t)
-        logits = guided_logits(model, x, tile(positions), tile(seg), tile(prompt_mask), cfg_scale, guided=guided)
+        logits = guided_logits(model, x, tile(positions), tile(seg), tile(prompt_mask), guidance, guided=guided)
         ce = -_target_logp(logits, tile(tokens)).reshape(b, chunk, t)
         return jnp.sum(jnp.where(m, ce, 0.0), -1) / pg
 
@@ -315,7 +323,7 @@ def elbo_nll(model: Transformer, batch: dict, keys, *, n_samples: int, chunk: in
 
 
 def chain_rule_nll(model: Transformer, batch: dict, *, max_target_len: int, chunk: int | None = None,
-                   cfg_scale: float = 0.0, guided: bool = False):
+                   guidance: float = 0.0, guided: bool = False):
     """NLL (B,) of the targets in left-to-right order: row j reveals targets 1..j-1, masks j..m, scores target j.
 
     max_target_len (static) >= the longest target; the rows j run `chunk` at a time (chunk divides max_target_len;
@@ -336,7 +344,7 @@ def chain_rule_nll(model: Transformer, batch: dict, *, max_target_len: int, chun
         masked = target_mask[:, None] & (rank[:, None] >= js[None, :, None])  # (B, chunk, T)
         scored = rank[:, None] == js[None, :, None]
         x = jnp.where(masked, mid, tokens[:, None]).reshape(b * chunk, t)
-        logits = guided_logits(model, x, tile(positions), tile(seg), tile(prompt_mask), cfg_scale, guided=guided)
+        logits = guided_logits(model, x, tile(positions), tile(seg), tile(prompt_mask), guidance, guided=guided)
         lp = _target_logp(logits, tile(tokens)).reshape(b, chunk, t)
         return jnp.sum(jnp.where(scored, lp, 0.0), (1, 2))
 
@@ -353,9 +361,9 @@ class DiffusionScorer:
         self.pad_id, self.batch_sharding = pad_id, batch_sharding
         self._elbo = jax.jit(lambda params, batch, keys, w, static: elbo_nll(
             nnx.merge(self.graphdef, params), batch, keys, n_samples=static[0], chunk=static[1], eps=static[2],
-            cfg_scale=w, guided=static[3]), static_argnames=("static",))
+            guidance=w, guided=static[3]), static_argnames=("static",))
         self._chain = jax.jit(lambda params, batch, w, static: chain_rule_nll(
-            nnx.merge(self.graphdef, params), batch, max_target_len=static[0], chunk=static[1], cfg_scale=w,
+            nnx.merge(self.graphdef, params), batch, max_target_len=static[0], chunk=static[1], guidance=w,
             guided=static[2]), static_argnames=("static",))
 
     def _batch(self, prompts, targets, pad_batch_to):
@@ -373,33 +381,27 @@ class DiffusionScorer:
         put = (lambda x: jax.device_put(x, self.batch_sharding)) if self.batch_sharding else jnp.asarray
         return {k: put(v) for k, v in batch.items()}, n, b, put
 
-    def _check_cfg(self, prompts, cfg_scale):
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-        if cfg_scale > 0 and any(len(p) == 0 for p in prompts):
-            raise ValueError("classifier-free guidance (cfg_scale > 0) needs a non-empty prompt in every row")
-
     def elbo(self, prompts, targets, keys, *, n_samples: int = 128, chunk: int | None = None, eps: float = EPS,
-             cfg_scale: float = 0.0, pad_batch_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             guidance: float = 0.0, pad_batch_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-row ELBO NLL upper bound and its standard error, nats over the target tokens."""
-        self._check_cfg(prompts, cfg_scale)
+        check_guidance(guidance, prompts)
         batch, n, b, put = self._batch(prompts, targets, pad_batch_to)
         keys = np.asarray(jax.device_get(keys))
         if keys.ndim != 2 or keys.shape[0] < n:
             raise ValueError(f"need one raw PRNG key per row: {n} rows, keys of shape {keys.shape}")
         keys = np.concatenate([keys[:n], np.broadcast_to(keys[:1], (b - n, 2))]) if b > n else keys[:n]
-        nll, se = self._elbo(self.params, batch, put(keys), jnp.float32(cfg_scale),
-                             static=(n_samples, chunk, eps, cfg_scale > 0))
+        nll, se = self._elbo(self.params, batch, put(keys), jnp.float32(guidance),
+                             static=(n_samples, chunk, eps, guidance > 0))
         nll, se = jax.device_get((nll, se))
         return np.asarray(nll)[:n], np.asarray(se)[:n]
 
-    def chain_rule(self, prompts, targets, *, chunk: int | None = None, cfg_scale: float = 0.0,
+    def chain_rule(self, prompts, targets, *, chunk: int | None = None, guidance: float = 0.0,
                    pad_batch_to: int | None = None) -> np.ndarray:
         """Per-row exact left-to-right NLL of the targets (nats)."""
-        self._check_cfg(prompts, cfg_scale)
+        check_guidance(guidance, prompts)
         batch, n, _, _ = self._batch(prompts, targets, pad_batch_to)
         m = max(len(t) for t in targets)
         chunk = min(chunk or 8, m)
         m = -(-m // chunk) * chunk  # rows j beyond a target's length score nothing
-        nll = self._chain(self.params, batch, jnp.float32(cfg_scale), static=(m, chunk, cfg_scale > 0))
+        nll = self._chain(self.params, batch, jnp.float32(guidance), static=(m, chunk, guidance > 0))
         return np.asarray(jax.device_get(nll))[:n]

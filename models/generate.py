@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
 from mathlm.models.transformer import Transformer
 
 
@@ -90,7 +91,7 @@ class Generator:
 
     def __init__(self, model: Transformer, *, eos_id: int, pad_id: int = 0, chunk: int = 32,
                  batch_sharding: jax.sharding.Sharding | None = None):
-        if not model.cfg.causal:
+        if model.cfg.kind != "arm":
             raise ValueError("KV-cache decoding needs a causal (autoregressive) model; this one is bidirectional "
                              "(masked diffusion): use models.diffusion.DiffusionGenerator")
         self.cfg = model.cfg

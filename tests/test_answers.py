@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+
 from mathlm.data import answers
 
 # GSM8K test set, MIT (c) 2021 OpenAI (openai/grade-school-math, grade_school_math/data/test.jsonl, records

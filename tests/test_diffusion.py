@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from mathlm.models import sharding as shard_rules
 from mathlm.models.diffusion import (
     DiffusionGenerator,
@@ -135,7 +136,7 @@ def test_prompt_is_kept_mask_never_returned_and_all_revealed(model, rule):
 def test_rows_do_not_depend_on_their_batch_neighbours(model):
     g = DiffusionGenerator(model, eos_id=EOS)
     prompts = _prompts(lengths=(5, 30, 1, 9, 3, 2, 12, 7))  # the 30-token prompt forces a 32-slot bucket
-    for s in (DiffusionSampling(max_new_tokens=12, steps=6, temperature=0.9, cfg_scale=1.5),
+    for s in (DiffusionSampling(max_new_tokens=12, steps=6, temperature=0.9, guidance=1.5),
               DiffusionSampling(max_new_tokens=12, steps=4, temperature=0.9, rule="ancestral")):
         together = g(prompts, s, _keys(8)).tokens
         assert g(prompts[2:5], s, _keys(8)[2:5], pad_batch_to=8).tokens == together[2:5]  # 16-slot bucket
@@ -152,7 +153,7 @@ def test_sharded_sampling_and_elbo_equal_single_device(model):
     sharded_model = nnx.merge(graphdef, state)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     prompts = _prompts()
-    s = DiffusionSampling(max_new_tokens=12, steps=4, temperature=0.7, cfg_scale=1.0)
+    s = DiffusionSampling(max_new_tokens=12, steps=4, temperature=0.7, guidance=1.0)
     assert (DiffusionGenerator(sharded_model, eos_id=EOS, batch_sharding=rows)(prompts, s, _keys(8)).tokens
             == DiffusionGenerator(model, eos_id=EOS)(prompts, s, _keys(8)).tokens)
     targets = _prompts(seed=1, lengths=(3, 4, 1, 6, 2, 5, 3, 2))
@@ -207,9 +208,9 @@ def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="steps must be >= 1"):
         g([[5]], DiffusionSampling(max_new_tokens=4, steps=0))
     with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
-        g([[5]], DiffusionSampling(max_new_tokens=4, steps=2, cfg_scale=-1.0))
+        g([[5]], DiffusionSampling(max_new_tokens=4, steps=2, guidance=-1.0))
     with pytest.raises(ValueError, match="non-empty prompt"):
-        g([[5], []], DiffusionSampling(max_new_tokens=4, steps=2, cfg_scale=1.0))
+        g([[5], []], DiffusionSampling(max_new_tokens=4, steps=2, guidance=1.0))
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         g([[5] * 60], DiffusionSampling(max_new_tokens=8, steps=2))
     with pytest.raises(ValueError, match="needs PRNG keys"):

@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+
 from mathlm.train.eval import scoring
 
 

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+
 from mathlm.data import synth, tasks
 from mathlm.data.sources import DataError, qa_prompt
 

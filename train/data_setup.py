@@ -1,6 +1,8 @@
 """From `data:` config to tokenized stores in the workdir: synthetic corpus, tokenizer, `data prepare`.
 
-Process 0 does the writing; the others wait at a barrier, then every process opens the same stores.
+The tokenizer is data.tokenizer, else the workdir's, else the `model.init_from` run's, else one trained on the
+training data. Stores are cached under workdir/data/tokens/, keyed by format, tokenizer and file mtimes. Process 0
+does the writing; the others wait at a barrier, then every process opens the same stores.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from mathlm.data import synth
 from mathlm.data.sources import DataError, expand, read_examples
 from mathlm.data.store import TokenStore, is_store, tokenizer_fingerprint, write_store
 from mathlm.data.tokenizer import Tokenizer, train_tokenizer
+from mathlm.train.checkpoint import CheckpointError
 from mathlm.train.config import Config, ConfigError
+from mathlm.train.runs import run_dir_of
 
 TOKENIZER_SAMPLE = 200_000  # examples used to train a tokenizer when none is given
 
@@ -36,14 +40,12 @@ def _barrier(name: str) -> None:
 
 
 def _synth_paths(cfg: Config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-    d = cfg.data
-    out = workdir / "data" / f"synth-n{d.synth_n}-s{d.synth_seed}-k{d.synth_max_steps}"
-    paths = {s: out / f"{s}.jsonl" for s in ("train", "validation", "test")}
-    if jax.process_index() == 0 and not all(p.is_file() for p in paths.values()):
-        splits = synth.generate(synth.SynthConfig(n=d.synth_n, seed=d.synth_seed, max_steps=d.synth_max_steps))
-        synth.write_jsonl(splits, out)
+    """The run's synthetic corpus under workdir/data/ (data/synth.py names the folder), written by process 0."""
+    corpus = synth.SynthConfig.from_data(cfg.data)
+    if jax.process_index() == 0:
+        synth.ensure_splits(workdir / "data", corpus)
     _barrier("synth")
-    return paths
+    return synth.split_paths(workdir / "data", corpus)
 
 
 def _resolve_sources(cfg: Config, workdir: pathlib.Path) -> tuple[list[str], list[str] | None]:
@@ -67,11 +69,12 @@ def _find_tokenizer(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
     if (workdir / "tokenizer.json").is_file():
         return workdir / "tokenizer.json"
     if cfg.model.init_from:
-        # Fine-tuning must read text exactly as the pretrained model did.
-        src = pathlib.Path(cfg.model.init_from)
-        for cand in (src, src.parent, src.parent.parent, src.parent.parent.parent):
-            if (cand / "tokenizer.json").is_file():
-                return cand / "tokenizer.json"
+        # Fine-tuning must read text exactly as the pretrained model did: the tokenizer of the init_from run.
+        try:
+            tok = run_dir_of(cfg.model.init_from) / "tokenizer.json"
+        except CheckpointError:
+            return None  # not a run folder: loading its params reports it
+        return tok if tok.is_file() else None
     return None
 
 

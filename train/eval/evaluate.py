@@ -1,8 +1,11 @@
-"""`mathlm eval`: generate answers for a math task, grade them, report accuracy, pass@k and maj@k.
+"""Generation tasks of `mathlm eval` (and of `eval.tasks` after training): generate answers, grade them, report
+accuracy, pass@k and maj@k.
 
 Reads top to bottom: problems -> prompts -> completions (n samples each) -> grades -> metrics -> files.
-Output folder: summary.json (task, model, n, settings, metrics), samples.jsonl (one line per sample) and, with
-more than one sample per problem, coverage.png (pass@k against k with the "Large Language Monkeys" fit).
+Output folder: summary.json (task, model, kind, n, settings, metrics, throughput), samples.jsonl (one line per
+sample) and, with more than one sample per problem, coverage.png (pass@k against k with the "Large Language
+Monkeys" fit). `evaluate` runs one request on a loaded engine; `evaluate_after_training` runs a config's
+`eval.tasks` on a finished run. The CLI's entry point (checks, engine, perplexity) is train/eval/run.py.
 """
 from __future__ import annotations
 
@@ -13,16 +16,22 @@ import time
 from collections.abc import Callable
 
 from mathlm.data import answers, synth, tasks
-from mathlm.data.sources import DataError
-from mathlm.models.generate import ContextOverflow
+from mathlm.data.sources import DataError, load_hf
+from mathlm.models.diffusion import DiffusionSampling
+from mathlm.models.generate import ContextOverflow, Sampling
 from mathlm.train.eval import scoring
-from mathlm.train.eval.inference import Engine, complete, make_sampling, new_token_budget
+from mathlm.train.eval.inference import (
+    Engine,
+    complete,
+    make_sampling,
+    new_token_budget,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalRequest:
     task: str
-    data: str | None = None  # a JSONL file, hf:NAME[:SPLIT], or None for the synth test split
+    data: str | None = None  # a JSONL file, hf:NAME[:CONFIG][:SPLIT] (default split: test), or None for synth
     shots: int | None = 0
     style: str | None = None
     exemplars: str | None = None
@@ -36,7 +45,7 @@ class EvalRequest:
     batch_size: int = 16
     ks: tuple[int, ...] | None = None  # pass@k / maj@k; None = 1, 2, 4, ... up to samples
     steps: int | None = None  # masked diffusion only: sampling steps (None = max_new_tokens)
-    cfg_scale: float | None = None  # masked diffusion only: unsupervised classifier-free guidance weight (None = 0)
+    guidance: float | None = None  # masked diffusion only: unsupervised classifier-free guidance weight (None = 0)
     unmask: str | None = None  # masked diffusion only: low_confidence | ancestral
 
     def resolved_ks(self) -> tuple[int, ...]:
@@ -70,28 +79,14 @@ class EvalRequest:
 def synth_test_file(engine: Engine) -> pathlib.Path:
     """The run's own synthetic test split; regenerated (deterministically, from the run's data settings) if the
     run folder does not have it, e.g. after copying only the checkpoint."""
-    d = engine.run.cfg.data
-    folder = engine.run.run_dir / "data" / f"synth-n{d.synth_n}-s{d.synth_seed}-k{d.synth_max_steps}"
-    if not (folder / "test.jsonl").is_file():
-        synth.write_jsonl(synth.generate(synth.SynthConfig(n=d.synth_n, seed=d.synth_seed,
-                                                           max_steps=d.synth_max_steps)), folder)
-    return folder / "test.jsonl"
+    return synth.ensure_splits(engine.run.run_dir / "data", synth.SynthConfig.from_data(engine.run.cfg.data))["test"]
 
 
 def _hf_dataset_file(name: str, out: pathlib.Path) -> pathlib.Path:
-    """hf:NAME[:CONFIG][:SPLIT] -> a local JSONL copy (needs `datasets` and the network)."""
-    parts = name[3:].split(":")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{name}: reading Hugging Face datasets needs `pip install datasets`") from None
-    try:
-        ds = datasets.load_dataset(parts[0], *parts[1:-1], split=parts[-1] if len(parts) > 1 else "test")
-    except Exception as e:  # noqa: BLE001 - any hub/network failure is the user's to fix
-        raise DataError(f"{name}: could not load ({str(e).splitlines()[0]})") from None
+    """hf:NAME[:CONFIG][:SPLIT] (default split: test) -> a local JSONL copy (needs `datasets` and the network)."""
     path = out / "hf_data.jsonl"
     with open(path, "w") as f:
-        for rec in ds:
+        for rec in load_hf(name, default_split="test"):
             f.write(json.dumps(rec, default=str) + "\n")
     return path
 
@@ -136,6 +131,51 @@ def compute_metrics(task: str, graded: list[list[dict]], ks: tuple[int, ...], se
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
+def _sampling_for(engine: Engine, req: EvalRequest, prompts: list[str]) -> Sampling | DiffusionSampling:
+    try:
+        # One budget for the whole set (a completion must not depend on its batch neighbours); a diffusion model's
+        # default step count follows the canvas it really fills.
+        budget = new_token_budget(engine, prompts, req.max_new_tokens)
+        return make_sampling(engine.kind, budget, req.temperature, req.top_k, req.top_p, req.steps, req.guidance,
+                             req.unmask)
+    except ContextOverflow as e:  # a prompt as long as the model's context
+        raise DataError(f"{e}; use fewer --shots") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def _grade_and_write(req: EvalRequest, style: str, problems: list[tasks.Problem], prompts: list[str],
+                     texts: list[str], path: pathlib.Path) -> list[list[dict]]:
+    """graded[problem][sample]; one samples.jsonl line per sample (completion j of problem i is texts[i * n + j])."""
+    n = req.samples
+    graded: list[list[dict]] = []
+    with open(path, "w") as f:
+        for i, prob in enumerate(problems):
+            row = []
+            for j in range(n):
+                completion = texts[i * n + j]
+                g = tasks.grade(completion, prob.reference, req.task, style)
+                row.append(g)
+                f.write(json.dumps({"id": prob.id, "sample": j, "prompt": prompts[i], "completion": completion,
+                                    "extracted": g["extracted"], "reference": prob.reference,
+                                    "correct": g["correct"], "extracted_by": g["extracted_by"],
+                                    "correct_by": g["correct_by"]}) + "\n")
+            graded.append(row)
+    return graded
+
+
+def _settings(engine: Engine, req: EvalRequest, fmt: tasks.PromptFormat,
+              sampling: Sampling | DiffusionSampling) -> dict:
+    return {"data": req.data or "synth test split", "style": fmt.style, "shots": fmt.shots, "samples": req.samples,
+            "temperature": req.temperature, "max_new_tokens": sampling.max_new_tokens,
+            "max_new_tokens_requested": req.max_new_tokens, "context": engine.run.cfg.model.max_seq_len,
+            "seed": req.seed, "stop": list(fmt.stop), "primary_extractor": fmt.extractors[0],
+            "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote",
+            # summary.json keeps the key "cfg" for the guidance weight (files written before the rename read alike).
+            **({"steps": sampling.steps, "cfg": sampling.guidance, "unmask": sampling.rule}
+               if engine.kind == "mdm" else {"top_k": sampling.top_k, "top_p": sampling.top_p})}
+
+
 def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Run one task end to end; returns the summary (also written to out/summary.json)."""
@@ -148,16 +188,7 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
     problems = load_task_problems(engine, req, out)
     n = req.samples
     prompts = [fmt.prompt(p) for p in problems]
-    try:
-        # One budget for the whole set (a completion must not depend on its batch neighbours); a diffusion model's
-        # default step count follows the canvas it really fills.
-        budget = new_token_budget(engine, prompts, req.max_new_tokens)
-        sampling = make_sampling(engine.kind, budget, req.temperature, req.top_k, req.top_p, req.steps,
-                                 req.cfg_scale, req.unmask)
-    except ContextOverflow as e:  # a prompt as long as the model's context
-        raise DataError(f"{e}; use fewer --shots") from None
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    sampling = _sampling_for(engine, req, prompts)
 
     # Generation: sample j of problem i is row i * n + j with its own PRNG key, so results do not depend on
     # batch size or order.
@@ -178,34 +209,12 @@ def evaluate(engine: Engine, req: EvalRequest, out: pathlib.Path,
         raise DataError(str(e)) from None
     wall = time.perf_counter() - t0
 
-    # Grading and files.
-    graded: list[list[dict]] = []
-    with open(out / "samples.jsonl", "w") as f:
-        for i, prob in enumerate(problems):
-            row = []
-            for j in range(n):
-                completion = gen.texts[i * n + j]
-                g = tasks.grade(completion, prob.reference, req.task, fmt.style)
-                row.append(g)
-                f.write(json.dumps({"id": prob.id, "sample": j, "prompt": prompts[i], "completion": completion,
-                                    "extracted": g["extracted"], "reference": prob.reference,
-                                    "correct": g["correct"], "extracted_by": g["extracted_by"],
-                                    "correct_by": g["correct_by"]}) + "\n")
-            graded.append(row)
+    graded = _grade_and_write(req, fmt.style, problems, prompts, gen.texts, out / "samples.jsonl")
     ks = req.resolved_ks()
     metrics = compute_metrics(req.task, graded, ks, req.seed)
     summary = {
         "task": req.task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
-        "n": len(problems),
-        "settings": {"data": req.data or "synth test split", "style": fmt.style, "shots": fmt.shots,
-                     "samples": n, "temperature": req.temperature,
-                     "max_new_tokens": sampling.max_new_tokens, "max_new_tokens_requested": req.max_new_tokens,
-                     "context": engine.run.cfg.model.max_seq_len, "seed": req.seed, "stop": list(fmt.stop),
-                     "primary_extractor": fmt.extractors[0],
-                     "maj_tie_rule": "the tied answer sampled first wins; invalid extractions never vote",
-                     **({"steps": sampling.steps, "cfg": sampling.cfg_scale, "unmask": sampling.rule}
-                        if engine.kind == "mdm" else {"top_k": sampling.top_k, "top_p": sampling.top_p})},
-        "metrics": metrics,
+        "n": len(problems), "settings": _settings(engine, req, fmt, sampling), "metrics": metrics,
         "throughput": {"seconds": round(wall, 3), "problems_per_sec": len(problems) / wall,
                        "samples_per_sec": total / wall, "new_tokens_per_sec": gen.new_tokens / max(gen.seconds, 1e-9)},
     }

@@ -1,7 +1,9 @@
-"""Text in, text out: load a run onto a mesh, batch prompts through the Generator, cut completions at stop strings.
+"""Text in, text out: load a run onto a mesh, batch prompts through its generator, cut completions at stop strings.
 
-Used by `mathlm generate` and `mathlm eval`. The mesh for inference is data-parallel over every device by default
-(weights replicated, batch rows split); `fsdp > 1` shards the weights too, for models that do not fit one device.
+Used by `mathlm generate` (`generate_texts`) and `mathlm eval`. The checkpoint's model kind picks the generator:
+KV-cache decoding (`arm`) or diffusion sampling (`mdm`); `make_sampling` turns CLI-style options into that kind's
+settings. The mesh for inference is data-parallel over every device by default (weights replicated, batch rows
+split); `fsdp > 1` shards the weights too, for models that do not fit one device.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mathlm.data.sources import DataError
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models.diffusion import DiffusionGenerator, DiffusionSampling
 from mathlm.models.generate import ContextOverflow, Generator, Sampling
@@ -33,22 +36,25 @@ class Engine:
 
     @property
     def kind(self) -> str:
-        """"arm" (autoregressive, causal) or "mdm" (masked diffusion, bidirectional): read from the checkpoint."""
-        return "arm" if self.run.cfg.model.causal else "mdm"
+        """"arm" or "mdm" (ModelConfig.kind), read from the checkpoint's config."""
+        return self.run.cfg.model.kind
 
 
-# Settings fields as the CLI spells them, so that a bad value is reported by the flag the user typed.
+# Settings fields as the CLI spells them, so that a bad value is reported by the flag the user typed. The guidance
+# weight has two names on each side: `guidance/cfg_scale` (cfg_scale is the reference samplers' name) and the flag
+# `--guidance`, alias `--cfg`.
+GUIDANCE_FLAG = "--guidance/--cfg"
 _FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
-          "top_p": "--top-p", "steps": "--steps", "rule": "--unmask", "cfg_scale": "--cfg"}
+          "top_p": "--top-p", "steps": "--steps", "rule": "--unmask", "guidance/cfg_scale": GUIDANCE_FLAG}
 
 
 def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, steps: int | None = None, cfg_scale: float | None = None,
+                  top_p: float | None = None, steps: int | None = None, guidance: float | None = None,
                   unmask: str | None = None) -> Sampling | DiffusionSampling:
     """Sampling settings for the model kind. None means "not given": an option of the other kind that was given at
     all (even `--steps 0` or `--top-k 0`) is refused, as is a bad value (ValueError, one line, named by its flag)."""
     if kind == "arm":
-        given = [f for f, v in (("--steps", steps), ("--cfg", cfg_scale), ("--unmask", unmask)) if v is not None]
+        given = [f for f, v in (("--steps", steps), (GUIDANCE_FLAG, guidance), ("--unmask", unmask)) if v is not None]
         if given:
             raise ValueError(f"{given[0]} is for masked diffusion checkpoints; this one is autoregressive")
         sampling = Sampling(max_new_tokens, temperature, 0 if top_k is None else top_k,
@@ -60,7 +66,7 @@ def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0
         # The paper's default: as many sampling steps as generated tokens.
         sampling = DiffusionSampling(max_new_tokens, steps if steps is not None else max_new_tokens, temperature,
                                      "low_confidence" if unmask is None else unmask,
-                                     0.0 if cfg_scale is None else cfg_scale)
+                                     0.0 if guidance is None else guidance)
     try:
         sampling.validate()
     except ValueError as e:
@@ -90,7 +96,7 @@ def load_engine(path: str, fsdp: int = 1, chunk: int = 32) -> Engine:
     tok = run.tokenizer
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    if run.cfg.model.causal:
+    if run.cfg.model.kind == "arm":
         gen = Generator(run.model, eos_id=tok.eos_id, pad_id=pad, chunk=chunk, batch_sharding=batch_sharding)
     else:
         gen = DiffusionGenerator(run.model, eos_id=tok.eos_id, pad_id=pad, batch_sharding=batch_sharding)
@@ -132,8 +138,8 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling | Diffus
     diffusion = isinstance(engine.generator, DiffusionGenerator)
     if diffusion != isinstance(sampling, DiffusionSampling):
         raise ValueError(f"{type(sampling).__name__} settings do not fit a {engine.kind} checkpoint")
-    if diffusion and sampling.cfg_scale > 0 and any(not p.strip() for p in prompts):
-        raise ValueError("classifier-free guidance (--cfg) needs a prompt: the unconditional half masks it")
+    if diffusion and sampling.guidance > 0 and any(not p.strip() for p in prompts):
+        raise ValueError(f"classifier-free guidance ({GUIDANCE_FLAG}) needs a prompt: the unconditional half masks it")
     tok = engine.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
     ids = list(sample_ids) if sample_ids is not None else list(range(len(prompts)))
@@ -163,3 +169,20 @@ def complete(engine: Engine, prompts: Sequence[str], sampling: Sampling | Diffus
             on_batch(len(rows))
     return Completions(texts, new_tokens, seconds)
 
+
+
+def generate_texts(checkpoint: str, prompts: Sequence[str], *, fsdp: int = 1, stop: Sequence[str] = (),
+                   seed: int = 0, batch_size: int = 16, **options) -> Completions:
+    """`mathlm generate`: load the checkpoint, build its kind's sampling from the CLI-style `options` (those of
+    make_sampling) and complete every prompt. Bad input is a DataError of one line, named by its flag."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    engine = load_engine(checkpoint, fsdp=fsdp)
+    try:
+        sampling = make_sampling(engine.kind, **options)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    try:
+        return complete(engine, prompts, sampling, stop=stop, seed=seed, batch_size=batch_size)
+    except ValueError as e:  # too long for the context (ContextOverflow); guidance without a prompt
+        raise DataError(str(e)) from None

@@ -5,6 +5,10 @@ context_len 1): the first window predicts the first L tokens from <bos>; every l
 <= L tokens with as much preceding context as fits in L. Metrics over the corpus (sums, then ratios):
 token_perplexity = exp(NLL / tokens), word_perplexity = exp(NLL / words), byte_perplexity = exp(NLL / bytes),
 bits_per_byte = NLL / (bytes * ln 2), with words = whitespace-separated pieces and bytes = UTF-8 bytes.
+
+A masked diffusion checkpoint has no exact likelihood: its NLL is the Monte-Carlo ELBO of disjoint chunks, each
+after <bos> (`_elbo_perplexity`), an upper bound, so every perplexity it reports is an upper bound too
+(`nll_is_upper_bound`). Empty documents are skipped and counted (`empty_documents_skipped`).
 """
 from __future__ import annotations
 

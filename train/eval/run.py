@@ -1,0 +1,98 @@
+"""`mathlm eval RUN --task T`, below the CLI: check a job, load the checkpoint, run the task, write the summary.
+
+`run_eval(job)` is the whole command: every check that needs no model runs first (so a bad flag never waits for a
+large checkpoint to load), then the engine is loaded and the job goes to `evaluate` (generation tasks) or
+`evaluate_perplexity` (`--task perplexity`). Errors are one-line DataErrors that name the flag the user typed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable
+
+from mathlm.data import tasks
+from mathlm.data.sources import DataError
+from mathlm.train.eval.evaluate import EvalRequest
+from mathlm.train.eval.inference import GUIDANCE_FLAG, Engine
+
+TASK_NAMES = "synth | gsm8k | math | svamp | mawps | perplexity"
+MC_SAMPLES = 128  # diffusion perplexity: Monte-Carlo ELBO samples per chunk when --mc-samples is not given
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalJob:
+    """One `mathlm eval` run: the checkpoint, the request (task, data and settings, with the CLI's defaults), and
+    the options that only the command has."""
+    checkpoint: str
+    request: EvalRequest
+    mc_samples: int | None = None  # masked diffusion perplexity only (None = MC_SAMPLES)
+    fsdp: int = 1
+    out: pathlib.Path | None = None  # None: RUN/eval/TASK
+
+
+def _generation_flags_given(req: EvalRequest) -> list[str]:
+    """The generation options a job sets away from their defaults, as the CLI spells them."""
+    return [flag for flag, given in (
+        ("--shots", req.shots != 0), ("--style", req.style), ("--exemplars", req.exemplars),
+        ("--samples", req.samples != 1), ("--temperature", req.temperature != 0), ("--top-k", req.top_k is not None),
+        ("--top-p", req.top_p is not None), ("--k", req.ks), ("--max-new-tokens", req.max_new_tokens != 256),
+        ("--steps", req.steps is not None), (GUIDANCE_FLAG, req.guidance is not None), ("--unmask", req.unmask))
+        if given]
+
+
+def check_job(job: EvalJob) -> None:
+    """Every check that needs no model: the task, the options it takes, the request's values, the data file."""
+    req = job.request
+    if req.task == "perplexity":
+        if req.data is None:
+            raise DataError("--task perplexity needs --data FILE (JSONL with 'text', or plain text)")
+        # Options that only shape generation would be silently ignored by a likelihood evaluation.
+        unused = _generation_flags_given(req)
+        if unused:
+            raise DataError(f"{unused[0]} does not apply to --task perplexity (it scores text, generates nothing)")
+        if not pathlib.Path(req.data).is_file():
+            raise DataError(f"data file not found: {req.data}")
+        return
+    if req.task not in tasks.TASKS:
+        raise DataError(f"unknown task {req.task!r}; choose one of {TASK_NAMES}")
+    if job.mc_samples is not None:
+        raise DataError("--mc-samples applies to --task perplexity only")
+    req.validate()
+    try:
+        tasks.resolve_format(req.task, req.shots, req.style, req.exemplars)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if req.data and not req.data.startswith("hf:"):
+        if not pathlib.Path(req.data).is_file():
+            raise DataError(f"data file not found: {req.data}")
+        tasks.load_problems(req.data, req.task, req.limit)
+
+
+def _perplexity(engine: Engine, job: EvalJob, folder: pathlib.Path,
+                progress: Callable[[int, int], None] | None) -> dict:
+    from mathlm.train.eval.perplexity import evaluate_perplexity
+    req = job.request
+    if engine.kind == "arm" and job.mc_samples is not None:
+        raise DataError("--mc-samples is for masked diffusion checkpoints; an autoregressive model's likelihood is "
+                        "exact")
+    metrics = evaluate_perplexity(engine, req.data, req.limit, req.batch_size, progress=progress,
+                                  mc_samples=MC_SAMPLES if job.mc_samples is None else job.mc_samples, seed=req.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"task": req.task, "model": str(engine.run.run_dir), "kind": engine.kind, "step": engine.run.step,
+               "n": metrics["documents"], "settings": {"data": req.data, "limit": req.limit}, "metrics": metrics}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_eval(job: EvalJob, progress: Callable[[int, int], None] | None = None) -> tuple[dict, pathlib.Path]:
+    """Check, load, evaluate; returns (summary, output folder). summary.json (and the task's other files) are in
+    the folder. `progress(done, total)` is called after each batch."""
+    from mathlm.train.eval.evaluate import evaluate
+    from mathlm.train.eval.inference import load_engine
+    check_job(job)
+    engine = load_engine(job.checkpoint, fsdp=job.fsdp)
+    folder = job.out or engine.run.run_dir / "eval" / job.request.task
+    if job.request.task == "perplexity":
+        return _perplexity(engine, job, folder, progress), folder
+    return evaluate(engine, job.request, folder, progress=progress), folder
