@@ -341,8 +341,7 @@ def rescore_file(path: str | pathlib.Path, task: str, style: str | None = None,
         raise DataError(f"{path}: no lines")
     if out:
         with open(out, "w") as f:
-            for rec in scored:
-                f.write(json.dumps(rec) + "\n")
+            f.writelines(json.dumps(rec) + "\n" for rec in scored)
     flags = [c for rec in scored for c in (rec["correct"] if isinstance(rec["correct"], list) else [rec["correct"]])]
     return sum(flags), len(flags)
 

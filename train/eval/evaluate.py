@@ -86,8 +86,7 @@ def _hf_dataset_file(name: str, out: pathlib.Path) -> pathlib.Path:
     """hf:NAME[:CONFIG][:SPLIT] (default split: test) -> a local JSONL copy (needs `datasets` and the network)."""
     path = out / "hf_data.jsonl"
     with open(path, "w") as f:
-        for rec in load_hf(name, default_split="test"):
-            f.write(json.dumps(rec, default=str) + "\n")
+        f.writelines(json.dumps(rec, default=str) + "\n" for rec in load_hf(name, default_split="test"))
     return path
 
 

@@ -75,7 +75,7 @@ def make_sampling(kind: str, max_new_tokens: int = 256, temperature: float = 0.0
     return sampling
 
 
-def new_token_budget(engine: "Engine", prompts: Sequence[str], max_new_tokens: int) -> int:
+def new_token_budget(engine: Engine, prompts: Sequence[str], max_new_tokens: int) -> int:
     """The new-token budget (a diffusion model's canvas length) for a whole prompt set: the request, shortened to
     what the context leaves after the set's longest prompt. One budget for every row, so that a completion never
     depends on which prompts share its batch. Raises ContextOverflow when a prompt leaves no room at all."""
