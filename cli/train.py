@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,13 +19,15 @@ def _human(n: float) -> str:
 
 
 def train(
-    config: pathlib.Path = typer.Argument(..., help="YAML recipe, e.g. configs/math-tiny.yaml"),
-    overrides: Optional[List[str]] = typer.Argument(
-        None, help="dotted overrides after the config, e.g. train.steps=200 train.seed=1 model.init_from=runs/a"),
-    workdir: Optional[pathlib.Path] = typer.Option(
-        None, "--workdir", "-w", help="run folder (default: runs/<config name>); an existing one is resumed"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="compile the step for the mesh, print size/FLOPs/memory, exit"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="plain log lines instead of a progress bar"),
+    config: Annotated[pathlib.Path, typer.Argument(help="YAML recipe, e.g. configs/math-tiny.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="dotted overrides after the config, e.g. train.steps=200 train.seed=1 model.init_from=runs/a")] = None,
+    workdir: Annotated[pathlib.Path | None, typer.Option(
+        "--workdir", "-w", help="run folder (default: runs/<config name>); an existing one is resumed")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="compile the step for the mesh, print size/FLOPs/memory, exit")] = False,
+    no_progress: Annotated[bool, typer.Option(
+        "--no-progress", help="plain log lines instead of a progress bar")] = False,
 ):
     """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
     with one_line_errors():

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
+
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import load_config
 from mathlm.train.loop import final_params, train
@@ -43,7 +43,8 @@ if "toy_reference" not in REGISTRY:
 def _batch(cfg, seed=0):
     b, length = cfg.train.batch_size, cfg.train.seq_len
     ids = np.asarray(jax.random.randint(jax.random.key(seed), (b, length + 1), 0, cfg.model.vocab_size), np.int32)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+    positions = np.tile(np.arange(length, dtype=np.int32), (b, 1))
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": positions,
             "segment_ids": np.ones((b, length), np.int32), "loss_mask": np.ones((b, length), np.float32),
             "prompt_mask": np.zeros((b, length), np.int32)}
 
@@ -145,3 +146,18 @@ def test_frozen_weights_of_a_fresh_init_are_saved_once(corpus, tmp_path):
     assert all("mlp" in k for k in ckpt._stored_keys(tmp_path / "run" / "checkpoints", 4))
     params = final_params(tmp_path / "run", cfg)  # whole model: mlp from the checkpoint, the rest from frozen/
     assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(build(cfg).abstract_params))
+
+
+def test_run_loading_builds_the_network_the_checkpoint_records(tiny_run, tmp_path):
+    """generate/eval/convert read the model section stored with the checkpoint, not today's config.yaml."""
+    import yaml
+
+    from mathlm.train.runs import load_run
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    want = cfg["model"]["d_model"]
+    cfg["model"]["d_model"], cfg["model"]["d_ff"] = 2 * want, 7
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_run(run)
+    assert loaded.cfg.model.d_model == want and loaded.model.cfg.d_model == want

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import losses, run_script, tiny_overrides
 from flax import nnx
 
-from conftest import losses, run_script, tiny_overrides
 from mathlm.models.transformer import ModelConfig, Transformer
 from mathlm.train.config import ConfigError, load_config
 from mathlm.train.objectives import get_objective, objective_name, sft_pad_is_eos
@@ -230,3 +230,16 @@ def test_mdm_training_lowers_the_loss_then_sft_on_eos_padded_rows(corpus, tmp_pa
     assert objective_name(sft) == "mdm_sft"
     out = train(sft, tmp_path / "sft", show_progress=False)
     assert np.isfinite(out["loss"]) and out["loss"] < ls[0]
+
+
+def test_old_flat_objective_keys_name_their_new_key():
+    for old, new in (("mdm_eps", "train.objective.eps"), ("ssl_ratio", "train.objective.ssl_ratio"),
+                     ("cfg_drop", "train.objective.cfg_drop")):
+        with pytest.raises(ConfigError, match=f"train.{old} is now {new}"):
+            load_config(None, ["model.causal=false", f"train.{old}=0.5"])
+    cfg = load_config(None, ["model.causal=false", "train.objective={name: mdm, eps: 0.25}"])
+    assert (cfg.train.objective.eps, cfg.train.objective.ssl_ratio) == (0.25, 0.01)
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.objective.ssl_ration' \(did you mean"):
+        load_config(None, ["model.causal=false", "train.objective.ssl_ration=0.5"])
+    with pytest.raises(ConfigError, match="unknown objective 'dpo'"):
+        load_config(None, ["train.objective=dpo"])

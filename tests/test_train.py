@@ -4,8 +4,8 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import losses, run_script, tiny_overrides
+
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import load_config
 from mathlm.train.loop import final_params, train

@@ -142,7 +142,8 @@ def restore_flat(directory: pathlib.Path, step: int, want: dict, where: str) -> 
                                   f"needs {tuple(leaf.shape)}")
     out = {}
     if here:
-        with ocp.CheckpointManager(directory, item_handlers={**_handlers(), "params": ocp.PyTreeCheckpointHandler()}) as mgr:
+        handlers = {**_handlers(), "params": ocp.PyTreeCheckpointHandler()}  # partial restore of a flat dict
+        with ocp.CheckpointManager(directory, item_handlers=handlers) as mgr:
             args = ocp.args.PyTreeRestore(here, restore_args=ocp.checkpoint_utils.construct_restore_args(here),
                                           partial_restore=len(here) < len(stored))
             out = dict(mgr.restore(step, args=ocp.args.Composite(params=args))["params"])

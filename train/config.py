@@ -12,6 +12,7 @@ import typing
 
 import yaml
 
+from mathlm.models import variants
 from mathlm.models.transformer import ModelConfig
 from mathlm.train import objectives
 
@@ -237,8 +238,9 @@ def _refuse_moved_keys(raw: dict) -> None:
     train = raw.get("train")
     for key in (train if isinstance(train, dict) else {}):
         if key in MOVED_KEYS:
+            name, field = ("mdm_sft" if key == "cfg_drop" else "mdm"), MOVED_KEYS[key].split(".")[-1]
             raise ConfigError(f"train.{key} is now {MOVED_KEYS[key]} (e.g. train.objective: "
-                              f"{{name: {'mdm_sft' if key == 'cfg_drop' else 'mdm'}, {MOVED_KEYS[key].split('.')[-1]}: ...}})")
+                              f"{{name: {name}, {field}: ...}})")
 
 
 def _objective_section(cfg: Config):
@@ -274,6 +276,7 @@ def _resolve_defaults(cfg: Config) -> Config:
 def validate(cfg: Config) -> None:
     try:
         cfg.model.validate()
+        variants.validate(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = cfg.train

@@ -80,7 +80,7 @@ _PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu v4"
           "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_peak(dtype: str = "float32", n: int = 1024, reps: int = 10) -> float:
     """FLOP/s of a large square matmul on device 0: the machine's practical peak (used on CPUs)."""
     dev = jax.local_devices()[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

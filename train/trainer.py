@@ -13,7 +13,7 @@ spec (train/objectives/); the trainer never branches on which one runs or which 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,7 @@ from mathlm.train import objectives
 from mathlm.train.config import Config, ConfigError
 from mathlm.train.objectives import token_nll
 from mathlm.train.optim import lr_schedule, make_optimizer
-from mathlm.train.runtime import (data_parallel_size, flops_6nd, flops_per_token, make_mesh,
-                                  maybe_initialize_distributed)
+from mathlm.train.runtime import data_parallel_size, flops_6nd, flops_per_token, make_mesh, maybe_initialize_distributed
 from mathlm.train.state import combine, copy_tree, partition
 
 

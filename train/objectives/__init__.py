@@ -7,8 +7,15 @@ model kind and data format). See base.py for the loss contract and the spec's fi
 from __future__ import annotations
 
 from mathlm.train.objectives import causal, diffusion  # noqa: F401  (register their specs)
-from mathlm.train.objectives.base import (REGISTRY, Objective, ObjectiveSpec, add_aux_losses, forward,  # noqa: F401
-                                          register, token_nll)
+from mathlm.train.objectives.base import (  # noqa: F401
+    REGISTRY,
+    Objective,
+    ObjectiveSpec,
+    add_aux_losses,
+    forward,
+    register,
+    token_nll,
+)
 
 AUTO = "auto"
 

@@ -21,7 +21,8 @@ the CLI prints. The trainer, config loader, CLI and data pipeline ask the spec; 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
