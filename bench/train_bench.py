@@ -138,8 +138,7 @@ def _compile_fitting(trainer, cfg, fixed_batch: bool):
         limit = float(os.environ["BENCH_MEM_LIMIT_GIB"]) * 2**30
     while True:
         setup = trainer.build(cfg)
-        lowered = setup.step_fn.lower(setup.abstract_params, setup.abstract_opt, trainer.batch_spec(cfg))
-        compiled = lowered.compile()
+        compiled = trainer.compile_step(setup)
         mem = compiled.memory_analysis()
         need = None
         if mem is not None:
@@ -162,7 +161,7 @@ def worker_mathlm(args) -> dict:
     cfg = _mathlm_config(args._config, "bfloat16" if args.gpu else "float32", args.batch)
     t0 = time.perf_counter()
     cfg, setup, step_fn, need = _compile_fitting(trainer, cfg, fixed_batch=args.batch is not None)
-    params, opt = setup.init_fn(0)
+    params, frozen, opt = setup.init_fn(0)  # params: the trainable weights (all of them here)
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.train.seq_len
     fields = {
@@ -180,7 +179,7 @@ def worker_mathlm(args) -> dict:
     losses = []
 
     def step():  # setup.step_fn, compiled ahead of time above (same executable the jit would build)
-        p, o, m = step_fn(state["params"], state["opt"], batch)
+        p, o, m = step_fn(state["params"], frozen, state["opt"], batch)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o
         losses.append(m["loss"])
