@@ -73,6 +73,7 @@ def _time_calls(call, repeats: int) -> dict:
 
 def _worker_mathlm(a) -> dict:
     import jax
+
     from mathlm.models.generate import Generator, Sampling
     from mathlm.train.runs import load_run
     run = load_run(a.run_dir)
@@ -115,6 +116,7 @@ def _make_models(name: str, root: str) -> tuple[str, str]:
     import dataclasses
 
     from flax import nnx
+
     from mathlm.data.tokenizer import train_tokenizer
     from mathlm.models.transformer import Transformer
     from mathlm.train.config import load_config

@@ -8,8 +8,9 @@
 What one "step" is, identically for both frameworks: forward, token cross-entropy (mean over B*T), backward,
 global-norm gradient clipping at 1.0 and an AdamW update (b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1 on
 matrices; lr 3e-4, no warm-up). mathlm runs `mathlm.train.trainer.build(cfg).step_fn` (objective causal_lm,
-which also computes an accuracy metric); torch runs LlamaForCausalLM(attn_implementation="eager", float32, no biases, untied
-embeddings, same rope theta) + F.cross_entropy + clip_grad_norm_ + torch.optim.AdamW (default implementation).
+which also computes an accuracy metric); torch runs LlamaForCausalLM(attn_implementation="eager", float32, no
+biases, untied embeddings, same rope theta) + F.cross_entropy + clip_grad_norm_ + torch.optim.AdamW
+(default implementation).
 The batch is random tokens, one document per row (causal mask only), loss on every position.
 
 mathlm's step is compiled ahead of time (setup.step_fn.lower(...).compile(), the executable the jit would build);
@@ -117,6 +118,7 @@ def _timed(step, warmup: int, steps: int, out: dict) -> list[float]:
 
 def worker_peak(args) -> dict:
     import jax
+
     from mathlm.train.runtime import measured_matmul_peak
     # The same measurement as the trainer's, with best of 50 rather than 10 repetitions (robust to a busy machine).
     peak = getattr(measured_matmul_peak, "__wrapped__", measured_matmul_peak)("float32", 1024, 50)
@@ -340,7 +342,8 @@ def main(argv=None) -> int:
         if "error" in pk:
             print(pk["error"])
             return 1
-        peak, peak_src = pk["peak_flops"], "measured fp32 matmul peak (measured_matmul_peak: 1024^3 jnp.matmul, best of 50)"
+        peak = pk["peak_flops"]
+        peak_src = "measured fp32 matmul peak (measured_matmul_peak: 1024^3 jnp.matmul, best of 50)"
         info["jax"] = pk["jax"]
     print(f"peak: {peak / 1e9:.1f} GFLOP/s [{peak_src}]")
     print("MFU = tokens/s * (6*N + 12*n_layers*n_heads*head_dim*T) / peak   "

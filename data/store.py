@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import tensorstore as ts

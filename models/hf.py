@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+
 from mathlm.models.transformer import ModelConfig
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")

@@ -10,7 +10,8 @@ import fnmatch
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Weight path (slash-joined, block index as *) -> logical axis per dimension. Kernels are (in, out).
 LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
 from mathlm.cli.main import app
 
 runner = CliRunner()

@@ -35,7 +35,8 @@ def test_compute_metrics_from_grades():
     ]
     m = compute_metrics("gsm8k", graded, (1, 2, 4), seed=0)
     assert m["accuracy"] == pytest.approx(3 / 8)
-    assert m["accuracy_by_extractor"] == {"strict-match": pytest.approx(3 / 8), "flexible-extract": pytest.approx(4 / 8)}
+    assert m["accuracy_by_extractor"] == {"strict-match": pytest.approx(3 / 8),
+                                          "flexible-extract": pytest.approx(4 / 8)}
     # pass@k: problem 1 has c=2 of n=4, problem 2 c=1 of 4 (Chen et al. 1 - C(n-c,k)/C(n,k)).
     exact = lambda c, k: 1 - math.comb(4 - c, k) / math.comb(4, k)
     for k in (1, 2, 4):

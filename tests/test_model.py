@@ -60,7 +60,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mha = _model(n_kv_heads=4)
     g_state, m_state = nnx.state(gqa, nnx.Param), nnx.state(mha, nnx.Param)
     src = nnx.to_pure_dict(g_state)
-    for i, blk in src["blocks"].items():
+    for _i, blk in src["blocks"].items():
         for name in ("k", "v"):
             w = blk["attn"][name]["kernel"].reshape(32, 2, 8)  # (d, kv_heads, head_dim)
             blk["attn"][name]["kernel"] = jnp.repeat(w, 2, axis=1).reshape(32, 32)  # kv head j serves q heads 2j, 2j+1

@@ -19,12 +19,13 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
+
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models import hf as hf_map
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import load_config
 from mathlm.train.runs import abstract_params, load_run, run_dir_of, save_params_run
-from safetensors.numpy import save_file
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Copied with the weights so that tokenizer roles, chat templates and stop ids survive a round trip.

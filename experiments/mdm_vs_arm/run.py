@@ -83,12 +83,13 @@ def main():
         return
 
     import jax
-    from mathlm.train.config import load_config
-    from mathlm.train.loop import train
-    from mathlm.train.eval.evaluate import EvalRequest, evaluate
-    from mathlm.train.eval.inference import load_engine, encode_prompt
-    from mathlm.models.generate import Generator, Sampling
+
     from mathlm.models.diffusion import DiffusionSampling
+    from mathlm.models.generate import Generator, Sampling
+    from mathlm.train.config import load_config
+    from mathlm.train.eval.evaluate import EvalRequest, evaluate
+    from mathlm.train.eval.inference import encode_prompt, load_engine
+    from mathlm.train.loop import train
 
     t_start = time.perf_counter()
     runs = HERE / "runs"
@@ -148,7 +149,8 @@ def main():
                          "has_####_line": float(np.mean(["####" in s["completion"] for s in samples])),
                          "mean_completion_chars": float(np.mean([len(s["completion"]) for s in samples])),
                  "examples": [{"prompt": s["prompt"], "completion": s["completion"], "reference": s["reference"]}
-                                      for s in samples[:3]], "example": {"prompt": samples[0]["prompt"], "completion": samples[0]["completion"],
+                                      for s in samples[:3]],
+                         "example": {"prompt": samples[0]["prompt"], "completion": samples[0]["completion"],
                                      "reference": samples[0]["reference"]}})
         print(json.dumps(acc_rows[-1]), flush=True)
     res["accuracy"] = acc_rows

@@ -182,6 +182,7 @@ def train(kind: str, rows: np.ndarray, vocab: int, steps: int, args):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from mathlm.models.transformer import ModelConfig, Transformer
     from mathlm.train.objectives import get_objective
 
@@ -231,6 +232,7 @@ def train(kind: str, rows: np.ndarray, vocab: int, steps: int, args):
 def evaluate(kind, model, pairs, aux, k, vocab, text_of) -> dict:
     import jax
     import jax.numpy as jnp
+
     from mathlm.models.diffusion import DiffusionGenerator, DiffusionSampling, chain_rule_nll, pack
     from mathlm.models.generate import Generator, Sampling
 

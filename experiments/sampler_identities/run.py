@@ -328,7 +328,7 @@ def plot(res):
             own = np.concatenate([[res["setup"]["length"]],
                                   res["setup"]["length"] - np.cumsum(r["reference_rule_own_trajectory"])])
             ax.plot(range(len(own)), own, ls="--", color="k", label="reference int(n(1-s/t)), steps=length")
-    for k, a in res["ancestral_masks_remaining"].items():
+    for _k, a in res["ancestral_masks_remaining"].items():
         ax.plot(range(len(a["expected"])), a["expected"], ls=":", color="gray", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("masks remaining (row 0 / mean)")
