@@ -3,6 +3,7 @@ no model). Each command parses its options, calls one function (train/eval/run.p
 `rescore_file`) and prints the result."""
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
 from typing import Annotated
@@ -47,6 +48,29 @@ def _table(rows: list[tuple[str, str]], title: str) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console(file=sys.stdout).print(table)
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str, disable: bool):
+    """A progress(done, total) callback for run_eval; the bar (stderr) appears at its first call, once the job has
+    passed its checks and the checkpoint is loaded."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=Console(file=sys.stderr), disable=disable)
+    bar = None
+
+    def update(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            progress.start()
+            bar = progress.add_task(description, total=total)
+        progress.update(bar, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        progress.stop()
 
 
 def _report(summary: dict, folder: pathlib.Path) -> None:
@@ -103,21 +127,14 @@ def run(
 ):
     """Generate and grade: writes summary.json, samples.jsonl (and coverage.png with --samples > 1)."""
     with one_line_errors():
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         from mathlm.train.eval.evaluate import EvalRequest
         from mathlm.train.eval.run import EvalJob, run_eval
 
         request = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples, temperature,
                               top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k), steps, guidance, unmask)
         job = EvalJob(checkpoint, request, mc_samples=mc_samples, fsdp=fsdp, out=out)
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeRemainingColumn(), console=Console(file=sys.stderr), disable=no_progress)
-        with progress:
-            bar = progress.add_task(task, total=None)
-            summary, folder = run_eval(job, progress=lambda done, total: progress.update(bar, completed=done,
-                                                                                         total=total))
+        with _progress_bar(task, disable=no_progress) as update:
+            summary, folder = run_eval(job, progress=update)
         _report(summary, folder)
 
 

@@ -85,13 +85,16 @@ def _perplexity(engine: Engine, job: EvalJob, folder: pathlib.Path,
     return summary
 
 
-def run_eval(job: EvalJob, progress: Callable[[int, int], None] | None = None) -> tuple[dict, pathlib.Path]:
+def run_eval(job: EvalJob, progress: Callable[[int, int | None], None] | None = None) -> tuple[dict, pathlib.Path]:
     """Check, load, evaluate; returns (summary, output folder). summary.json (and the task's other files) are in
-    the folder. `progress(done, total)` is called after each batch."""
+    the folder. `progress` is called with (0, None) once the checkpoint is loaded, then (done, total) after each
+    batch."""
     from mathlm.train.eval.evaluate import evaluate
     from mathlm.train.eval.inference import load_engine
     check_job(job)
     engine = load_engine(job.checkpoint, fsdp=job.fsdp)
+    if progress:
+        progress(0, None)
     folder = job.out or engine.run.run_dir / "eval" / job.request.task
     if job.request.task == "perplexity":
         return _perplexity(engine, job, folder, progress), folder
