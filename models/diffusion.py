@@ -307,7 +307,9 @@ def elbo_nll(model: Transformer, batch: dict, keys, *, n_samples: int, chunk: in
     g = n_samples // chunk
     masked_g = masked.reshape(b, g, chunk, t).transpose(1, 0, 2, 3)
     p_g = p.reshape(b, g, chunk).transpose(1, 0, 2)
-    tile = lambda a: jnp.broadcast_to(a[:, None], (b, chunk, t)).reshape(b * chunk, t)
+
+    def tile(a):
+        return jnp.broadcast_to(a[:, None], (b, chunk, t)).reshape(b * chunk, t)
 
     def group(args):
         m, pg = args  # (B, chunk, T), (B, chunk)
@@ -337,7 +339,9 @@ def chain_rule_nll(model: Transformer, batch: dict, *, max_target_len: int, chun
     prompt_mask, target_mask = batch["prompt_mask"], batch["target_mask"]
     b, t = tokens.shape
     rank = jnp.where(target_mask, jnp.cumsum(target_mask, 1) - 1, -1)  # index of each target slot, -1 elsewhere
-    tile = lambda a: jnp.broadcast_to(a[:, None], (b, chunk, t)).reshape(b * chunk, t)
+
+    def tile(a):
+        return jnp.broadcast_to(a[:, None], (b, chunk, t)).reshape(b * chunk, t)
 
     def group(j0):
         js = j0 + jnp.arange(chunk)

@@ -55,3 +55,19 @@ def test_aux_losses_are_added_with_the_same_normaliser():
     graphdef, state = nnx.split(model)
     jitted = jax.jit(lambda st: get_objective("causal_lm")(nnx.merge(graphdef, st), batch, None, None)[0])
     np.testing.assert_allclose(float(jitted(state)), float(with_aux), rtol=1e-6)
+
+
+def test_every_objective_spec_is_complete_and_auto_is_unambiguous():
+    import dataclasses
+
+    from mathlm.train.objectives import REGISTRY, auto_name
+    for name, spec in REGISTRY.items():
+        section = spec.section()
+        assert dataclasses.is_dataclass(section) and section.name == name
+        fake = {"tokens": 4.0, "correct_sum": 2.0, "masked_tokens": 2.0, "masked_nll_sum": 1.0, "nll_sum": 1.0}
+        assert tuple(spec.summarize(fake)) == spec.metric_names, name
+        assert spec.model_kind in ("arm", "mdm") and spec.sft_pad in ("pad", "eos")
+    pairs = [p for spec in REGISTRY.values() for p in spec.auto_for]
+    assert len(pairs) == len(set(pairs))
+    assert [auto_name(k, f) for k, f in (("arm", "lm"), ("arm", "sft"), ("mdm", "lm"), ("mdm", "sft"))] == [
+        "causal_lm", "causal_lm", "mdm", "mdm_sft"]

@@ -17,7 +17,8 @@ import numpy as np
 
 from mathlm import models
 from mathlm.train import checkpoint as ckpt
-from mathlm.train.config import Config, save_config
+from mathlm.train import objectives
+from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.objectives import sft_pad_is_eos
 from mathlm.train.runtime import flops_6nd, flops_per_token
 from mathlm.train.state import FrozenSourceError, source_record
@@ -158,6 +159,11 @@ def _data(cfg: Config, workdir: pathlib.Path, lead: bool, log):
     # The objective's padding policy: EOS for mdm_sft (a target there), pad otherwise (masked either way).
     pad = data.tokenizer.eos_id if sft_pad_is_eos(cfg) else data.tokenizer.pad_id
     src = make_source(data.train_url, cfg.data.format, t.seq_len, pad, cfg.data.truncate)
+    spec = objectives.spec_of(cfg)
+    missing = sorted(set(spec.batch_fields) - set(src[0]))
+    if missing:
+        raise ConfigError(f"train.objective={spec.name} reads batch field(s) {', '.join(missing)}, which "
+                          f"data.format={cfg.data.format} does not provide")
     if lead:
         from mathlm.data.store import unigram_entropy
         log(f"training data: unigram entropy {unigram_entropy(src.store):.3f} nats/token (the loss of a "

@@ -78,6 +78,10 @@ def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, bat
         windows += [(d, *w) for w in rolling_windows(ids, prefix, length)]
     b = -(-batch_size // engine.batch_multiple) * engine.batch_multiple
     nll_fn = _nll_fn(engine)
+
+    def put(a):
+        return jax.device_put(a, engine.generator.batch_sharding)
+
     doc_nll = np.zeros(len(texts))
     t0 = time.perf_counter()
     for start in range(0, len(windows), b):
@@ -88,7 +92,6 @@ def evaluate_perplexity(engine: Engine, path: str, limit: int | None = None, bat
         for r, (_, x, y, n) in enumerate(chunk):
             inputs[r, : len(x)], targets[r, : len(y)] = x, y
             scored[r, len(y) - n: len(y)] = True
-        put = lambda a: jax.device_put(a, engine.generator.batch_sharding)
         sums = np.asarray(nll_fn(engine.generator.params, put(inputs), put(targets), put(scored)))
         for r, (d, *_rest) in enumerate(chunk):
             doc_nll[d] += sums[r]
