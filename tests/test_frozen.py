@@ -88,6 +88,10 @@ def test_a_frozen_set_arrives_sharded_and_is_an_argument_not_a_constant():
     assert emb.sharding == setup.frozen_sh["sets"]["reference"]["embed"]["embedding"]
     assert emb.sharding.mesh == setup.mesh and emb.sharding.spec[1] == "fsdp"  # split over 8 devices
     assert len(emb.sharding.shard_shape(emb.shape)) == 2 and emb.sharding.shard_shape(emb.shape)[1] == 64 // 8
+    # ... and the compiled step takes it as an argument with that sharding (inside the step, not a constant).
+    args_sh = compile_step(setup).input_shardings[0]
+    inside = args_sh[1]["sets"]["reference"]["embed"]["embedding"]
+    assert inside.is_equivalent_to(emb.sharding, 2)
     batch = to_global(setup, _batch(setup.cfg))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates trainable and opt
     _, _, m1 = setup.step_fn(copy(trainable), frozen, copy(opt), batch)
