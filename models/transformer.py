@@ -52,8 +52,8 @@ class ModelConfig:
     # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one.
     attention: str = "auto"
     init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
-    # A network variant from models/variants.py, {name: ..., <its options>}; None = the plain Transformer.
-    variant: dict | None = None
+    # A network variant from models/variants.py: a name or {name: ..., <its options>}; None = the plain Transformer.
+    variant: dict | str | None = None
 
     @property
     def kind(self) -> str:

@@ -34,6 +34,8 @@ VARIANTS: dict[str, VariantSpec] = {}
 
 
 def register(spec: VariantSpec) -> VariantSpec:
+    if spec.name in VARIANTS:
+        raise ValueError(f"model variant {spec.name!r} is registered twice")
     VARIANTS[spec.name] = spec
     return spec
 
@@ -42,8 +44,13 @@ register(VariantSpec(PLAIN, lambda cfg, options, rngs: Transformer(cfg, rngs=rng
 
 
 def _split(model_cfg: ModelConfig) -> tuple[VariantSpec, dict]:
-    variant = dict(model_cfg.variant or {"name": PLAIN})
-    name = variant.pop("name", PLAIN)
+    variant = model_cfg.variant or {"name": PLAIN}
+    if isinstance(variant, str):  # a bare name: that variant with its defaults
+        variant = {"name": variant}
+    if not isinstance(variant, dict) or "name" not in variant:
+        raise ValueError(f"model.variant: expected a name or a mapping with a name, got {variant!r}")
+    variant = dict(variant)
+    name = variant.pop("name")
     if name not in VARIANTS:
         raise ValueError(f"model.variant: unknown variant {name!r}; choose from {', '.join(sorted(VARIANTS))}")
     return VARIANTS[name], variant
@@ -88,6 +95,9 @@ def metadata(model_cfg: ModelConfig) -> dict:
 
 
 def from_metadata(meta: dict) -> ModelConfig:
+    if meta.get("format", METADATA_FORMAT) > METADATA_FORMAT:
+        raise ValueError(f"checkpoint metadata format {meta['format']} is newer than this version reads "
+                         f"({METADATA_FORMAT}); upgrade mathlm")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(meta["model"]) - fields)
     if unknown:

@@ -143,7 +143,7 @@ def test_frozen_weights_of_a_fresh_init_are_saved_once(corpus, tmp_path):
     cfg = load_config(None, tiny_overrides(corpus, "train.steps=4", "mesh.data=8", "checkpoint.every_steps=1",
                                            r"train.trainable=[mlp/]"))
     train(cfg, tmp_path / "run", show_progress=False, stop_after=2)
-    frozen_dir = tmp_path / "run" / "frozen" / "model"
+    frozen_dir = tmp_path / "run" / "frozen" / "model"  # written at step 0, read on resume
     written = {p: p.stat().st_mtime_ns for p in frozen_dir.rglob("*") if p.is_file()}
     train(cfg, tmp_path / "run", show_progress=False)
     assert written and {p: p.stat().st_mtime_ns for p in frozen_dir.rglob("*") if p.is_file()} == written
@@ -165,3 +165,31 @@ def test_run_loading_builds_the_network_the_checkpoint_records(tiny_run, tmp_pat
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     loaded = load_run(run)
     assert loaded.cfg.model.d_model == want and loaded.model.cfg.d_model == want
+
+
+def test_a_checkpoint_from_before_the_split_resumes(corpus, tmp_path):
+    """Older checkpoints: every weight in `params`, optax.multi_transform's optimizer keys, no `meta` item."""
+    import orbax.checkpoint as ocp
+
+    from mathlm.data.pipeline import make_source, train_dataset
+    cfg = load_config(None, tiny_overrides(corpus, "train.steps=3", "mesh.data=8", r"train.trainable=[mlp/]"))
+    setup = build(cfg)
+    trainable, frozen, opt = setup.init_fn(0)
+    legacy_opt = {(ckpt.LEGACY_OPT_PREFIX + k[len("state."):] if k.startswith("state.") else k): v
+                  for k, v in ckpt.flatten(opt).items()}
+    src = make_source(str(corpus["train"]), "lm", cfg.train.seq_len, 0)
+    it = iter(train_dataset(src, global_batch=8, process_index=0, process_count=1, seed=0))
+    with ocp.CheckpointManager(tmp_path / "old" / "checkpoints", item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()}) as mgr:
+        mgr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(ckpt.flatten(combine(trainable,
+                                                                                            frozen["model"]))),
+                                            opt=ocp.args.StandardSave(legacy_opt),
+                                            data=ocp.args.JsonSave(it.get_state())), force=True)
+    out = train(cfg, tmp_path / "old", show_progress=False)
+    assert out["step"] == 3 and np.isfinite(out["loss"])
+    assert (tmp_path / "old" / "frozen" / "model").is_dir()  # the frozen weights now live beside the run
+    params = final_params(tmp_path / "old", cfg)
+    before = combine(trainable, frozen["model"])
+    for path, x, y in zip(leaf_paths(params), jax.tree.leaves(params), jax.tree.leaves(before)):
+        assert np.array_equal(np.asarray(x), np.asarray(y)) == ("mlp/" not in path), path

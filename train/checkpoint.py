@@ -10,6 +10,7 @@ every weight and are read as before.
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,6 +31,15 @@ def unflatten(template, flat: dict):
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# Where the optimizer state lived before the split: optax.multi_transform's "train" branch.
+LEGACY_OPT_PREFIX = "state.inner_states.train.inner_state."
+
+
+def _pytree_restore(target: dict, partial: bool = False):
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
 
 
 def _handlers() -> dict:
@@ -55,16 +65,40 @@ class Checkpointer:
         self.mgr.save(step, args=args, force=True)
 
     def restore(self, step: int, params_like, params_shardings, opt_like, opt_shardings):
-        """Restore onto the given shardings; returns (params, opt, data_state, meta or None)."""
-        args = dict(params=ocp.args.StandardRestore(flatten(_abstract(params_like, params_shardings))),
-                    opt=ocp.args.StandardRestore(flatten(_abstract(opt_like, opt_shardings))),
-                    data=ocp.args.JsonRestore())
-        for item, like in (("params", params_like), ("opt", opt_like)):
-            _check_shapes(self.mgr, step, item, flatten(like), f"{self.directory} (step {step})",
-                          hint="; it does not fit this config: use a new --workdir or the run's own config")
+        """Restore onto the given shardings; returns (params, opt, data_state, meta or None).
+
+        A checkpoint without `meta` (written before trainable and frozen weights were split) holds every weight
+        in `params` and the optimizer state under optax.multi_transform's keys: both are read into today's layout.
+        """
+        where = f"{self.directory} (step {step})"
+        hint = "; it does not fit this config: use a new --workdir or the run's own config"
         meta = read_meta(self.directory, step)
-        out = self.mgr.restore(step, args=ocp.args.Composite(**args))
+        want_params = flatten(_abstract(params_like, params_shardings))
+        want_opt = flatten(_abstract(opt_like, opt_shardings))
+        if meta is None:
+            return (*self._restore_legacy(step, params_like, want_params, opt_like, want_opt, where, hint), None)
+        _check_shapes(self.mgr, step, "params", want_params, where, hint, exact=True)
+        _check_shapes(self.mgr, step, "opt", want_opt, where, hint)
+        out = self.mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want_params),
+                                                             opt=ocp.args.StandardRestore(want_opt),
+                                                             data=ocp.args.JsonRestore()))
         return unflatten(params_like, out["params"]), unflatten(opt_like, out["opt"]), out["data"], meta
+
+    def _restore_legacy(self, step, params_like, want_params, opt_like, want_opt, where, hint):
+        """A checkpoint from before the trainable/frozen split: the trainable subset of its whole-model params,
+        and the optimizer state under optax.multi_transform's keys when it has them."""
+        stored_opt = set(dict(self.mgr.item_metadata(step).get("opt") or {}))
+        legacy_keys = not set(want_opt) <= stored_opt
+        names = {k: (LEGACY_OPT_PREFIX + k[len("state."):] if legacy_keys and k.startswith("state.") else k)
+                 for k in want_opt}
+        _check_shapes(self.mgr, step, "opt", {names[k]: v for k, v in want_opt.items()}, where, hint)
+        params = restore_flat(self.directory, step, want_params, where)
+        handlers = {**_handlers(), "opt": ocp.PyTreeCheckpointHandler()}
+        with ocp.CheckpointManager(self.directory, item_handlers=handlers) as mgr:
+            out = mgr.restore(step, args=ocp.args.Composite(
+                opt=_pytree_restore({names[k]: v for k, v in want_opt.items()}), data=ocp.args.JsonRestore()))
+        opt = {k: out["opt"][names[k]] for k in want_opt}
+        return unflatten(params_like, params), unflatten(opt_like, opt), out["data"]
 
     def wait(self) -> None:
         self.mgr.wait_until_finished()
@@ -74,8 +108,9 @@ class Checkpointer:
         self.mgr.close()
 
 
-def _check_shapes(mgr, step: int, item: str, want: dict, where: str, hint: str = "") -> None:
-    """Compare stored shapes with the model's before restoring, so a mismatch names the weight."""
+def _check_shapes(mgr, step: int, item: str, want: dict, where: str, hint: str = "", exact: bool = False) -> None:
+    """Compare stored shapes with the model's before restoring, so a mismatch names the weight. `exact`: the
+    item must hold nothing else either (a run's trainable weights, when train.trainable changed on resume)."""
     meta = mgr.item_metadata(step)
     stored = meta[item] if meta is not None and item in meta else None
     if stored is None:
@@ -84,6 +119,10 @@ def _check_shapes(mgr, step: int, item: str, want: dict, where: str, hint: str =
     missing = sorted(set(want) - set(stored))
     if missing:
         raise CheckpointError(f"{where}: checkpoint lacks {missing[0]} ({len(missing)} missing){hint}")
+    extra = sorted(set(stored) - set(want))
+    if exact and extra:
+        raise CheckpointError(f"{where}: checkpoint trains {extra[0]} ({len(extra)} weights) that this config "
+                              f"freezes (train.trainable or the model variant changed?){hint}")
     for k, leaf in want.items():
         have = tuple(getattr(stored[k], "shape", ()))
         if have != tuple(leaf.shape):
@@ -105,27 +144,38 @@ def resolve(path: str) -> tuple[pathlib.Path, int]:
     raise CheckpointError(f"no checkpoint found at {path}")
 
 
+def _reader(directory: pathlib.Path, handlers: dict | None = None) -> ocp.CheckpointManager:
+    """A manager for reading: it creates no folder (sources of frozen weights may belong to other runs)."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=handlers or _handlers())
+
+
 def read_meta(directory: pathlib.Path, step: int) -> dict | None:
     """The `meta` item of one checkpoint, or None (older checkpoints, params-only imports without one)."""
     directory = pathlib.Path(directory)
     if not (directory / str(step) / "meta").exists():
         return None
-    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as mgr:
+    with _reader(directory) as mgr:
         return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def save_frozen_once(directory: pathlib.Path, flat: dict) -> dict:
-    """Write weights that exist nowhere else on disk (a frozen part of a fresh init) once; returns their record."""
+def save_frozen(directory: pathlib.Path, flat: dict, run_dir: pathlib.Path) -> dict:
+    """Write weights that exist nowhere else on disk (a frozen part of a fresh init), once per run: called when a
+    run starts from step 0, it replaces whatever an earlier, abandoned start left there. Returns their record."""
     directory = pathlib.Path(directory).absolute()
+    if jax.process_index() == 0 and directory.exists():
+        shutil.rmtree(directory)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"frozen-{directory.name}")
     with ocp.CheckpointManager(directory, item_handlers=_handlers()) as mgr:
-        if mgr.latest_step() is None:
-            mgr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(flat)), force=True)
-            mgr.wait_until_finished()
-    return frozen_state.source_record(directory, 0)
+        mgr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(flat)), force=True)
+        mgr.wait_until_finished()
+    return frozen_state.source_record(directory, 0, run_dir)
 
 
 def _stored_keys(directory: pathlib.Path, step: int) -> dict:
-    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as mgr:
+    with _reader(directory) as mgr:
         meta = mgr.item_metadata(step)
     return dict(meta["params"]) if meta is not None and meta.get("params") is not None else {}
 
@@ -143,7 +193,7 @@ def restore_flat(directory: pathlib.Path, step: int, want: dict, where: str) -> 
     out = {}
     if here:
         handlers = {**_handlers(), "params": ocp.PyTreeCheckpointHandler()}  # partial restore of a flat dict
-        with ocp.CheckpointManager(directory, item_handlers=handlers) as mgr:
+        with _reader(directory, handlers) as mgr:
             args = ocp.args.PyTreeRestore(here, restore_args=ocp.checkpoint_utils.construct_restore_args(here),
                                           partial_restore=len(here) < len(stored))
             out = dict(mgr.restore(step, args=ocp.args.Composite(params=args))["params"])
@@ -152,7 +202,8 @@ def restore_flat(directory: pathlib.Path, step: int, want: dict, where: str) -> 
         record = ((read_meta(directory, step) or {}).get("frozen") or {}).get("model")
         if record is None:
             raise CheckpointError(f"{where}: checkpoint lacks {sorted(missing)[0]} ({len(missing)} missing)")
-        src, src_step = frozen_state.check_source(record, f"{where}: frozen weights")
+        # Records are relative to the run folder that wrote them: the parent of its checkpoints/ folder.
+        src, src_step = frozen_state.check_source(record, f"{where}: frozen weights", pathlib.Path(directory).parent)
         out.update(restore_flat(src, src_step, missing, f"{src} (step {src_step})"))
     return out
 
@@ -165,8 +216,8 @@ def load_params(path: str, params_like, shardings):
     return unflatten(params_like, flat), step
 
 
-def load_frozen_set(record: dict, params_like, shardings, what: str):
-    """A frozen set recorded by source: hash checked, then restored onto `shardings`."""
-    directory, step = frozen_state.check_source(record, what)
+def load_frozen_set(record: dict, params_like, shardings, what: str, run_dir: pathlib.Path):
+    """A frozen set recorded by source (by the run in `run_dir`): hash checked, then restored onto `shardings`."""
+    directory, step = frozen_state.check_source(record, what, run_dir)
     flat = restore_flat(directory, step, flatten(_abstract(params_like, shardings)), f"{directory} (step {step})")
     return unflatten(params_like, flat)

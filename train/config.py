@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 
@@ -210,7 +211,10 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = (),
+                migrate: bool = False) -> Config:
+    """`migrate`: the file is a run's saved config.yaml, possibly from an older version: keys that moved are
+    carried to their new place instead of refused (user-written configs get the one-line error)."""
     raw: dict = {}
     if path is not None:
         p = pathlib.Path(path)
@@ -223,8 +227,8 @@ def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str]
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    _refuse_moved_keys(raw)
-    cfg = _resolve_defaults(_build(Config, raw, ""))
+    moved = _moved_keys(raw, migrate)
+    cfg = _resolve_defaults(_build(Config, raw, ""), moved)
     validate(cfg)
     return cfg
 
@@ -234,17 +238,22 @@ MOVED_KEYS = {"mdm_eps": "train.objective.eps", "ssl_ratio": "train.objective.ss
               "cfg_drop": "train.objective.cfg_drop"}
 
 
-def _refuse_moved_keys(raw: dict) -> None:
+def _moved_keys(raw: dict, migrate: bool) -> dict:
+    """Old flat keys: refused with their new name, or (`migrate`) taken out and returned as section fields."""
     train = raw.get("train")
+    if migrate and isinstance(train, dict):
+        return {MOVED_KEYS[k].split(".")[-1]: train.pop(k) for k in list(train) if k in MOVED_KEYS}
     for key in (train if isinstance(train, dict) else {}):
         if key in MOVED_KEYS:
             name, field = ("mdm_sft" if key == "cfg_drop" else "mdm"), MOVED_KEYS[key].split(".")[-1]
             raise ConfigError(f"train.{key} is now {MOVED_KEYS[key]} (e.g. train.objective: "
                               f"{{name: {name}, {field}: ...}})")
+    return {}
 
 
-def _objective_section(cfg: Config):
-    """train.objective (a name or a mapping with `name`) -> the spec's typed section; `auto` resolved."""
+def _objective_section(cfg: Config, moved: dict):
+    """train.objective (a name or a mapping with `name`) -> the spec's typed section; `auto` resolved; `moved`:
+    migrated old flat keys, kept where the section has such a field."""
     raw = cfg.train.objective
     if isinstance(raw, str):
         raw = {"name": raw}
@@ -254,19 +263,22 @@ def _objective_section(cfg: Config):
         raise ConfigError(f"train.objective: expected a name or a mapping with a name, got {raw!r}")
     raw = dict(raw)
     name = raw.setdefault("name", objectives.AUTO)
+    if cfg.data.format not in ("lm", "sft"):  # before `auto` reads it
+        raise ConfigError(f"data.format must be 'lm' or 'sft', got {cfg.data.format!r}")
     try:
         if name == objectives.AUTO:
             name = raw["name"] = objectives.auto_name(cfg.model.kind, cfg.data.format)
         spec = objectives.get_spec(name)
     except ValueError as e:
         raise ConfigError(f"train.objective: {e}") from None
-    return _build(spec.section, raw, "train.objective.")
+    fields = {f.name for f in dataclasses.fields(spec.section)}
+    return _build(spec.section, {**{k: v for k, v in moved.items() if k in fields}, **raw}, "train.objective.")
 
 
-def _resolve_defaults(cfg: Config) -> Config:
+def _resolve_defaults(cfg: Config, moved: dict | None = None) -> Config:
     """Type the objective section and fill the settings whose default depends on it (see TrainConfig.lr)."""
     t = cfg.train
-    section = _objective_section(cfg)
+    section = _objective_section(cfg, moved or {})
     spec = objectives.get_spec(section.name)
     lr = t.lr if t.lr is not None else spec.default_lr
     warmup = t.warmup_steps if t.warmup_steps is not None else spec.default_warmup(t.steps)
@@ -301,6 +313,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
     _validate_objective(cfg)
+    for pattern in cfg.train.trainable or []:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"train.trainable: {pattern!r} is not a regular expression ({e})") from None
     from mathlm.data.tasks import TASKS
     for task in cfg.eval.tasks:
         if task not in TASKS:
@@ -321,5 +338,10 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | pathlib.Path, objective_auto: bool = False) -> None:
+    """`objective_auto`: write `train.objective: auto` (an imported model's config, which a user may fine-tune
+    either way) instead of the resolved section."""
+    d = to_dict(cfg)
+    if objective_auto:
+        d["train"]["objective"] = objectives.AUTO
+    pathlib.Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

@@ -8,6 +8,7 @@ periodic eval, checkpoints, SIGTERM and the NaN guard.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import signal
@@ -16,16 +17,17 @@ import jax
 import numpy as np
 
 from mathlm import models
+from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
-from mathlm.train import objectives
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.objectives import sft_pad_is_eos
+from mathlm.train.runs import RUNTIME_FIELDS
 from mathlm.train.runtime import flops_6nd, flops_per_token
 from mathlm.train.state import FrozenSourceError, source_record
 from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, to_global
 
 # Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
-RUNTIME_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
+RUNTIME_MODEL_FIELDS = (*RUNTIME_FIELDS, "init_from")
 
 
 class _Preemption:
@@ -52,18 +54,19 @@ class _Preemption:
 
 # ----------------------------------------------------------------------------- 2: state
 
-def _frozen_records(setup: Setup, workdir: pathlib.Path, frozen: dict) -> dict:
-    """Where each frozen part lives: its `init_from` source when it came from there, else saved once now."""
-    cfg, out = setup.cfg, {"model": None, "sets": {}}
-    source = ckpt.resolve(cfg.model.init_from) if cfg.model.init_from else None
-    parts = [("model", frozen["model"])] + [(name, t) for name, t in frozen["sets"].items()]
-    for name, tree in parts:
+def _frozen_records(setup: Setup, workdir: pathlib.Path, frozen: dict, source: tuple | None) -> dict:
+    """Where each frozen part lives: `source` (the checkpoint folder and step it was loaded from unchanged,
+    so bit-identical to it), else written once now under <workdir>/frozen/."""
+    out = {"model": None, "sets": {}}
+    parts = [("model", frozen["model"], workdir / "frozen" / "model")]
+    parts += [(name, tree, workdir / "frozen" / "sets" / name) for name, tree in frozen["sets"].items()]
+    for name, tree, folder in parts:
         if not jax.tree.leaves(tree):
             continue
-        if source is not None:  # loaded from init_from unchanged: bit-identical to it
-            rec = source_record(*source)
+        if source is not None:
+            rec = source_record(*source, run_dir=workdir)
         else:
-            rec = ckpt.save_frozen_once(workdir / "frozen" / name, ckpt.flatten(tree))
+            rec = ckpt.save_frozen(folder, ckpt.flatten(tree), workdir)
         if name == "model":
             out["model"] = rec
         else:
@@ -71,8 +74,8 @@ def _frozen_records(setup: Setup, workdir: pathlib.Path, frozen: dict) -> dict:
     return out
 
 
-def _restore_frozen(setup: Setup, meta: dict | None, where: str) -> dict:
-    records = (meta or {}).get("frozen") or {"model": None, "sets": {}}
+def _restore_frozen(setup: Setup, meta: dict, where: str, workdir: pathlib.Path) -> dict:
+    records = meta.get("frozen") or {"model": None, "sets": {}}
     wants = [("model", records.get("model"), setup.abstract_frozen["model"], setup.frozen_sh["model"])]
     wants += [(n, records.get("sets", {}).get(n), setup.abstract_frozen["sets"][n], setup.frozen_sh["sets"][n])
               for n in setup.spec.frozen_sets]
@@ -83,7 +86,7 @@ def _restore_frozen(setup: Setup, meta: dict | None, where: str) -> dict:
         if rec is None:
             raise FrozenSourceError(f"{where}: the checkpoint records no source for the frozen weights "
                                     f"'{name}' this config needs (train.trainable or the objective changed?)")
-        tree = ckpt.load_frozen_set(rec, like, sh, f"{where}: frozen weights '{name}'")
+        tree = ckpt.load_frozen_set(rec, like, sh, f"{where}: frozen weights '{name}'", workdir)
         if name == "model":
             out["model"] = tree
         else:
@@ -91,10 +94,26 @@ def _restore_frozen(setup: Setup, meta: dict | None, where: str) -> dict:
     return out
 
 
-def _check_model_meta(cfg: Config, meta: dict | None, where: str) -> None:
-    if meta is None:
-        return
-    have, want = meta["model"], models.metadata(cfg.model)["model"]
+def _restore_legacy_frozen(setup: Setup, checkpointer, step: int, where: str, workdir: pathlib.Path):
+    """A checkpoint from before the split holds the frozen weights itself; they are written once under frozen/
+    (the old checkpoint will rotate away) and recorded there."""
+    like, sh = setup.abstract_frozen["model"], setup.frozen_sh["model"]
+    if setup.spec.frozen_sets:
+        raise FrozenSourceError(f"{where}: written before frozen sets existed; the objective "
+                                f"{setup.spec.name} needs {', '.join(setup.spec.frozen_sets)}: start a new run")
+    frozen = {"model": {}, "sets": {}}
+    if jax.tree.leaves(like):
+        flat = ckpt.restore_flat(checkpointer.directory, step, ckpt.flatten(ckpt._abstract(like, sh)), where)
+        frozen["model"] = ckpt.unflatten(like, flat)
+    return frozen, _frozen_records(setup, workdir, frozen, None)
+
+
+def _check_model_meta(cfg: Config, meta: dict, where: str) -> None:
+    try:
+        have = dataclasses.asdict(from_metadata(meta))  # fields this version added take their defaults
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{where}: {e}") from None
+    want = models.metadata(cfg.model)["model"]
     diff = [k for k in want if k not in RUNTIME_MODEL_FIELDS and have.get(k) != want[k]]
     if diff:
         raise ckpt.CheckpointError(f"{where} was written for a different model (model.{diff[0]}: "
@@ -110,17 +129,23 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
         where = f"{checkpointer.directory} (step {start})"
         trainable, opt, data_state, meta = checkpointer.restore(start, setup.abstract_trainable, setup.trainable_sh,
                                                                 setup.abstract_opt, setup.opt_sh)
-        _check_model_meta(cfg, meta, where)
-        frozen = _restore_frozen(setup, meta, where)
+        if meta is None:
+            frozen, records = _restore_legacy_frozen(setup, checkpointer, start, where, workdir)
+        else:
+            _check_model_meta(cfg, meta, where)
+            frozen, records = _restore_frozen(setup, meta, where, workdir), meta["frozen"]
         log(f"resuming from step {start} (checkpoint in {checkpointer.directory})")
-        return start, trainable, frozen, opt, data_state, meta or {**models.metadata(cfg.model), "frozen": None}
+        # The model section as this run computes it now (dtype, remat, attention may differ from the last save).
+        return start, trainable, frozen, opt, data_state, {**models.metadata(cfg.model), "frozen": records}
     trainable, frozen, opt = setup.init_fn(cfg.train.seed)
+    source = None
     if cfg.model.init_from:
         params, from_step = ckpt.load_params(cfg.model.init_from, setup.abstract_params, setup.params_sh)
         trainable, frozen_model = setup.split(params)
         frozen = setup.frozen_from(params, frozen_model)
+        source = (ckpt.resolve(cfg.model.init_from)[0], from_step)
         log(f"initialised params from {cfg.model.init_from} (step {from_step})")
-    meta = {**models.metadata(cfg.model), "frozen": _frozen_records(setup, workdir, frozen)}
+    meta = {**models.metadata(cfg.model), "frozen": _frozen_records(setup, workdir, frozen, source)}
     return 0, trainable, frozen, opt, None, meta
 
 
@@ -159,11 +184,6 @@ def _data(cfg: Config, workdir: pathlib.Path, lead: bool, log):
     # The objective's padding policy: EOS for mdm_sft (a target there), pad otherwise (masked either way).
     pad = data.tokenizer.eos_id if sft_pad_is_eos(cfg) else data.tokenizer.pad_id
     src = make_source(data.train_url, cfg.data.format, t.seq_len, pad, cfg.data.truncate)
-    spec = objectives.spec_of(cfg)
-    missing = sorted(set(spec.batch_fields) - set(src[0]))
-    if missing:
-        raise ConfigError(f"train.objective={spec.name} reads batch field(s) {', '.join(missing)}, which "
-                          f"data.format={cfg.data.format} does not provide")
     if lead:
         from mathlm.data.store import unigram_entropy
         log(f"training data: unigram entropy {unigram_entropy(src.store):.3f} nats/token (the loss of a "
@@ -211,6 +231,14 @@ class _Metrics:
         row["loss_tokens"] = sum(float(x["tokens"]) for x in fetched)
         self.pending = []
         return row
+
+
+def _check_fields(setup: Setup, batch: dict) -> None:
+    """The objective's batch fields against what the data pipeline gives (checked on the first batch)."""
+    missing = sorted(set(setup.spec.batch_fields) - set(batch))
+    if missing:
+        raise ConfigError(f"train.objective={setup.spec.name} reads batch field(s) {', '.join(missing)}, which "
+                          f"data.format={setup.cfg.data.format} does not provide")
 
 
 def _run_eval(setup: Setup, eval_fn, trainable, frozen, evals) -> dict:
@@ -264,7 +292,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
         try:
             meter.reset()
             while step < t.steps:
-                trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, next(it)))
+                local = next(it)
+                if step == start:
+                    _check_fields(setup, local)
+                trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, local))
                 step += 1
                 metrics.add(step, m)
                 if step % t.log_every == 0 or step == t.steps:

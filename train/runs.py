@@ -45,6 +45,10 @@ def abstract_params(cfg: Config):
     return models.abstract(cfg.model)
 
 
+# Model fields that say how a network computes, not what it is: a run may change them between saves and loads.
+RUNTIME_FIELDS = ("dtype", "remat", "attention")
+
+
 def model_config_of(path: str | pathlib.Path, fallback):
     """The model section stored with a checkpoint (what rebuilds its network), or `fallback` for checkpoints
     written before checkpoints carried it."""
@@ -63,12 +67,14 @@ def load_run(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None, ru
     """Params placed on `mesh` by the sharding table (replicated on the default device without a mesh)."""
     run_dir = run_dir_of(path)
     try:
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = load_config(run_dir / "config.yaml", overrides, migrate=True)
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{run_dir / 'config.yaml'}: {e}") from None
-    # The network is the one the checkpoint records, whatever config.yaml says now.
-    model_cfg = model_config_of(path, cfg.model)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, init_from=None))
+    # The network is the one the checkpoint records, whatever config.yaml says now; only how it computes
+    # (dtype, remat, attention kernel) follows the config and its overrides (convert --verify asks float32).
+    runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
+    model_cfg = dataclasses.replace(model_config_of(path, cfg.model), init_from=None, **runtime)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     graphdef, like = abstract_params(cfg)
     if mesh is None:
         mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
@@ -100,7 +106,7 @@ def save_params_run(out_dir: str | pathlib.Path, cfg: Config, params: dict, toke
             raise ckpt.CheckpointError(f"weight {k} has shape {tuple(flat[k].shape)}, the model needs "
                                        f"{tuple(leaf.shape)}")
     saved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(out)))
-    save_config(saved, out / "config.yaml")
+    save_config(saved, out / "config.yaml", objective_auto=True)
     tok_src = pathlib.Path(tokenizer_dir)
     files = {"tokenizer.json": tok_src if tok_src.is_file() else tok_src / "tokenizer.json"}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # HF sidecars: special token roles

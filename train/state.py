@@ -70,28 +70,60 @@ def copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
+_HASHES: dict[tuple, str] = {}  # (files, sizes, mtimes) -> digest: a source is read once per process
+
+
+def _local_hash(root: pathlib.Path) -> str:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def content_hash(step_dir: str | pathlib.Path) -> str:
-    """sha256 over the relative paths and bytes of every file of a checkpoint's `params` item."""
+    """sha256 over the relative paths and bytes of every file of a checkpoint's `params` item.
+
+    Multi-process runs read the files on process 0 only and broadcast the digest, so every host agrees (and a
+    pod does not read a large source once per host)."""
     root = pathlib.Path(step_dir) / "params"
-    if not root.is_dir():
+    if jax.process_count() == 1:
+        if not root.is_dir():
+            raise FrozenSourceError(f"{root}: gone")
+        return _local_hash(root)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    digest = _local_hash(root) if jax.process_index() == 0 and root.is_dir() else ""
+    raw = np.frombuffer(digest.encode().ljust(64, b"\0"), np.uint8)
+    out = bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).rstrip(b"\0").decode()
+    if not out:
         raise FrozenSourceError(f"{root}: gone")
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return out
 
 
-def source_record(directory: pathlib.Path, step: int) -> dict:
-    """How a run's metadata names a frozen part that lives in another checkpoint."""
-    return {"source": str(directory), "step": int(step), "sha256": content_hash(directory / str(step))}
+def source_record(directory: pathlib.Path, step: int, run_dir: pathlib.Path | None = None) -> dict:
+    """How a run's metadata names a frozen part that lives in another checkpoint; a source inside the run's own
+    folder (`run_dir`) is recorded relative to it, so the folder can be moved."""
+    digest = content_hash(pathlib.Path(directory) / str(step))
+    source = pathlib.Path(directory).absolute()
+    if run_dir is not None and source.is_relative_to(pathlib.Path(run_dir).absolute()):
+        return {"source": str(source.relative_to(pathlib.Path(run_dir).absolute())), "in_run": True,
+                "step": int(step), "sha256": digest}
+    return {"source": str(source), "step": int(step), "sha256": digest}
 
 
-def check_source(record: dict, what: str) -> tuple[pathlib.Path, int]:
-    """The source folder and step of a record, after checking that its files still hash the same."""
+def check_source(record: dict, what: str, run_dir: pathlib.Path | None = None) -> tuple[pathlib.Path, int]:
+    """The source folder and step of a record (`run_dir`: the folder of the run that wrote it), after checking
+    that its files still hash the same."""
     directory, step = pathlib.Path(record["source"]), int(record["step"])
+    if record.get("in_run"):
+        directory = pathlib.Path(run_dir) / directory
     if not (directory / str(step) / "params").is_dir():
         raise FrozenSourceError(f"{what}: its source {directory} (step {step}) is gone; restore it there, or "
                                 "start a new run")

@@ -184,7 +184,7 @@ def build(cfg: Config) -> Setup:
     parts = _model_and_state(cfg, mesh, rules)
     opt_init = parts.pop("opt_init")
     spec, tx = parts["spec"], parts["tx"]
-    objective = spec.make_loss(cfg.train.objective)
+    objective = spec.make_loss(objectives.section_of(cfg))
 
     def _init(seed):
         params = jax.lax.with_sharding_constraint(models.init_params(cfg.model, seed), parts["params_sh"])
@@ -206,13 +206,13 @@ def build(cfg: Config) -> Setup:
 def make_eval_fn(setup: Setup, byte_lengths: np.ndarray):
     """Jitted held-out metrics over (trainable, frozen, batch): summed NLL, loss tokens and target bytes."""
     table = jnp.asarray(byte_lengths, jnp.float32)
-    custom = setup.spec.make_eval(setup.cfg.train.objective) if setup.spec.make_eval else None
+    custom = setup.spec.make_eval(objectives.section_of(setup.cfg)) if setup.spec.make_eval else None
     merge = lambda trainable, frozen: nnx.merge(setup.graphdef, combine(trainable, frozen["model"]))
 
     def ev(trainable, frozen, batch):
         model = merge(trainable, frozen)
         if custom is not None:  # e.g. masked diffusion: its ELBO, not next-token NLL
-            return custom(model, batch, table)
+            return custom(model, batch, table, frozen["sets"])
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         mask = batch["loss_mask"]
         return {"nll": jnp.sum(token_nll(logits, batch["targets"]) * mask), "tokens": jnp.sum(mask),
@@ -259,6 +259,7 @@ def dry_run(cfg: Config) -> dict:
         "flops_per_step_xla_per_device": float((cost or {}).get("flops", 0.0)),
         "bytes_params_per_device": _per_device_bytes(setup.abstract_params, setup.params_sh),
         "bytes_opt_state_per_device": _per_device_bytes(setup.abstract_opt, setup.opt_sh),
+        "bytes_frozen_sets_per_device": _per_device_bytes(setup.abstract_frozen["sets"], setup.frozen_sh["sets"]),
     }
     if mem is not None:
         out.update({"bytes_step_temp_per_device": int(mem.temp_size_in_bytes),

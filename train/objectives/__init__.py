@@ -39,13 +39,16 @@ def auto_name(model_kind: str, data_format: str) -> str:
                      "set train.objective")
 
 
-def spec_of(cfg) -> ObjectiveSpec:
-    """The spec of a loaded config (its objective section is typed, `auto` already resolved)."""
-    return get_spec(cfg.train.objective.name)
-
-
 def objective_name(cfg) -> str:
-    return cfg.train.objective.name
+    """The objective of a config: its typed section's name (load_config resolves `auto`; a config built by hand
+    may still hold a bare name, `auto` included)."""
+    section = cfg.train.objective
+    name = section if isinstance(section, str) else section.name
+    return auto_name(cfg.model.kind, cfg.data.format) if name == AUTO else name
+
+
+def spec_of(cfg) -> ObjectiveSpec:
+    return get_spec(objective_name(cfg))
 
 
 def sft_pad_is_eos(cfg) -> bool:
@@ -57,7 +60,16 @@ def _section_of(name: str, section_or_train_cfg):
     """A typed section from a section, a TrainConfig (its .objective) or None (the spec's defaults)."""
     spec = get_spec(name)
     section = getattr(section_or_train_cfg, "objective", section_or_train_cfg)
-    return section if isinstance(section, spec.section) else spec.section()
+    if section is None or isinstance(section, str):  # a bare name (a config built by hand): the defaults
+        return spec.section()
+    if not isinstance(section, spec.section):
+        raise TypeError(f"objective {name!r} takes a {spec.section.__name__}, got {section!r}")
+    return section
+
+
+def section_of(cfg):
+    """The typed objective section of a config."""
+    return _section_of(objective_name(cfg), cfg.train)
 
 
 def get_objective(name: str, section=None) -> Objective:
@@ -73,7 +85,7 @@ def get_eval(name: str, section=None):
 
 def checks(cfg) -> list[tuple[bool, str]]:
     """The model kind and data format the objective needs, then its own checks."""
-    spec, name = spec_of(cfg), cfg.train.objective.name
+    spec, name = spec_of(cfg), objective_name(cfg)
     need = {"arm": "a causal model (model.causal=true)",
             "mdm": "a bidirectional model with a mask token (model.causal=false, model.mask_token=true)"}
     out = [(cfg.model.kind == spec.model_kind, f"train.objective={name} needs {need[spec.model_kind]}"),

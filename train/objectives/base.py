@@ -46,7 +46,8 @@ class ObjectiveSpec:
     model_kind: str  # "arm" | "mdm" (ModelConfig.kind): the kind of model it trains
     data_formats: tuple[str, ...] = ("lm", "sft")
     auto_for: tuple[tuple[str, str], ...] = ()  # (model kind, data.format) pairs for which `auto` picks it
-    # section -> eval(model, batch, byte_table) -> {nll, tokens, bytes} sums; None = next-token NLL (the default)
+    # section -> eval(model, batch, byte_table, frozen) -> {nll, tokens, bytes} sums; None = next-token NLL
+    # (the default). `frozen`: the same parameter sets the loss receives.
     make_eval: Callable[[Any], Callable] | None = None
     validate: Callable[[Any, Any], list[tuple[bool, str]]] | None = None  # (section, cfg) -> [(ok, message)]
     default_lr: float = 3e-4  # train.lr when the config leaves it unset

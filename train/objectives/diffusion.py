@@ -115,7 +115,7 @@ def mdm_sft_loss(model, batch, rng, *, eps: float = 1e-3, cfg_drop: float = 0.0)
 # on the per-token NLL (nats), comparable across steps and to an ARM's eval/loss. bpb counts the scored tokens.
 
 def _elbo_eval(loss_fn, scored):
-    def ev(model, batch, byte_table):
+    def ev(model, batch, byte_table, frozen=None):
         key = jax.random.fold_in(jax.random.key(0), jnp.sum(batch["inputs"]))
         loss_sum, m = loss_fn(model, batch, key)
         return {"nll": loss_sum, "tokens": m["denom"],
