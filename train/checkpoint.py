@@ -216,8 +216,12 @@ def load_params(path: str, params_like, shardings):
     return unflatten(params_like, flat), step
 
 
+def restore_tree(directory: pathlib.Path, step: int, like, shardings, where: str):
+    """The weights shaped like `like` from one checkpoint, onto `shardings` (see restore_flat)."""
+    return unflatten(like, restore_flat(directory, step, flatten(_abstract(like, shardings)), where))
+
+
 def load_frozen_set(record: dict, params_like, shardings, what: str, run_dir: pathlib.Path):
     """A frozen set recorded by source (by the run in `run_dir`): hash checked, then restored onto `shardings`."""
     directory, step = frozen_state.check_source(record, what, run_dir)
-    flat = restore_flat(directory, step, flatten(_abstract(params_like, shardings)), f"{directory} (step {step})")
-    return unflatten(params_like, flat)
+    return restore_tree(directory, step, params_like, shardings, f"{directory} (step {step})")

@@ -103,8 +103,7 @@ def _restore_legacy_frozen(setup: Setup, checkpointer, step: int, where: str, wo
                                 f"{setup.spec.name} needs {', '.join(setup.spec.frozen_sets)}: start a new run")
     frozen = {"model": {}, "sets": {}}
     if jax.tree.leaves(like):
-        flat = ckpt.restore_flat(checkpointer.directory, step, ckpt.flatten(ckpt._abstract(like, sh)), where)
-        frozen["model"] = ckpt.unflatten(like, flat)
+        frozen["model"] = ckpt.restore_tree(checkpointer.directory, step, like, sh, where)
     return frozen, _frozen_records(setup, workdir, frozen, None)
 
 
