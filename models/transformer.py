@@ -249,6 +249,21 @@ class Attention(nnx.Module):
         return self.o(out)
 
 
+    def probs(self, x, positions, mask):
+        """The attention probabilities (B, H, T, S) in float32, for losses that compare them (Control-LLM's
+        `attention` divergence); recomputes q and k rather than changing what the fused paths return."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        g, dh = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+        inv_freq = rope_frequencies(cfg)
+        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, inv_freq)
+        k = rope(self.k(x).reshape(b, t, cfg.n_kv_heads, dh), positions, inv_freq)
+        k = jnp.repeat(k, g, axis=2)  # head h uses kv head h // g, as in _attend
+        logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(dh)
+        logits = jnp.where(mask[:, 0], logits, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(logits, axis=-1)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
@@ -269,6 +284,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
+    def init_cache(self, batch: int, slots: int):
+        """This block's KV cache: (k, v), each (B, S, K, Dh)."""
+        cfg = self.attn.cfg
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
+
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         if kv_cache is None:
             x = x + self.attn(self.attn_norm(x), positions, mask)
@@ -284,10 +305,14 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         n_embed = cfg.vocab_size + int(cfg.mask_token)
         self.embed = nnx.Embed(n_embed, cfg.d_model, embedding_init=_normal(0.02), rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List(self._make_blocks(cfg, rngs))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.d_model, cfg.vocab_size, 0.02, jnp.dtype(cfg.dtype), rngs)
+
+    def _make_blocks(self, cfg: ModelConfig, rngs: nnx.Rngs) -> list[nnx.Module]:
+        """The layers in depth order; a variant (models/expand.py) overrides this to place its own."""
+        return [Block(cfg, rngs) for _ in range(cfg.n_layers)]
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens (B, T) int32 -> logits (B, T, V) float32 over the real vocabulary."""
@@ -319,11 +344,9 @@ class Transformer(nnx.Module):
     # prompts are left-padded and `valid` marks the padding slots that no query may attend to.
 
     def init_cache(self, batch: int, slots: int) -> dict:
-        cfg = self.cfg
-        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layers))
-        return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, slots), bool),
-                "index": jnp.zeros((), jnp.int32)}
+        """Per layer its own cache pytree (a block's (k, v); a Control-LLM merge site holds one per branch)."""
+        return {"layers": tuple(block.init_cache(batch, slots) for block in self.blocks),
+                "valid": jnp.zeros((batch, slots), bool), "index": jnp.zeros((), jnp.int32)}
 
     def extend(self, tokens, positions, valid, cache: dict, last_only: bool = False):
         """Run `tokens` (B, T) at cache slots [index, index + T): returns (logits, cache).
@@ -343,12 +366,11 @@ class Transformer(nnx.Module):
         mask = (key_slot[None, :] <= query_slot[:, None])[None] & slot_valid[:, None, :]
         mask = mask[:, None, None]  # (B, 1, 1, T, S)
         x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
-        ks, vs = [], []
-        for block, k, v in zip(self.blocks, cache["k"], cache["v"]):
-            x, (k, v) = block(x, positions, mask, (k, v), index)
-            ks.append(k)
-            vs.append(v)
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache["layers"]):
+            x, layer_cache = block(x, positions, mask, layer_cache, index)
+            layers.append(layer_cache)
         if last_only:
             x = x[:, -1:]
-        new_cache = {"k": tuple(ks), "v": tuple(vs), "valid": slot_valid, "index": index + t}
+        new_cache = {"layers": tuple(layers), "valid": slot_valid, "index": index + t}
         return self._head(x), new_cache

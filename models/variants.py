@@ -27,7 +27,12 @@ class VariantSpec:
     build: Callable[[ModelConfig, dict, nnx.Rngs], nnx.Module]
     # options -> a predicate over slash-joined weight paths (True = trains), or None: every weight trains unless
     # train.trainable says otherwise
-    trainable: Callable[[dict], Callable[[str], bool] | None] = lambda options: None
+    trainable: Callable[[ModelConfig, dict], Callable[[str], bool] | None] = lambda cfg, options: None
+    # (cfg, options, base params of the plain model, freshly initialised params of this variant) -> this variant's
+    # params: how it starts from a plain checkpoint (`model.init_from` a plain run); None = it cannot
+    from_base: Callable[[ModelConfig, dict, dict, dict], dict] | None = None
+    # (cfg, options) -> extra blocks for the checkpoint metadata, e.g. {"expansion": {...}}
+    describe: Callable[[ModelConfig, dict], dict] | None = None
 
 
 VARIANTS: dict[str, VariantSpec] = {}
@@ -60,6 +65,16 @@ def validate(model_cfg: ModelConfig) -> None:
     _split(model_cfg)
 
 
+def abstract_check(model_cfg: ModelConfig) -> None:
+    """Build the network abstractly, so that a variant's option errors (ValueError) surface at config time."""
+    nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0)))
+
+
+def needs_base(model_cfg: ModelConfig) -> bool:
+    """True for variants made from a trained plain model (they have no meaningful fresh initialisation)."""
+    return _split(model_cfg)[0].from_base is not None
+
+
 def build(model_cfg: ModelConfig, rngs: nnx.Rngs | None = None) -> nnx.Module:
     """The network `model_cfg` describes (its `variant` included), initialised from `rngs`."""
     spec, options = _split(model_cfg)
@@ -86,12 +101,41 @@ def trainable_filter(model_cfg: ModelConfig, patterns: list[str] | None = None) 
         compiled = [re.compile(p) for p in patterns]
         return lambda path: any(c.search(path) for c in compiled)
     spec, options = _split(model_cfg)
-    return spec.trainable(options)
+    return spec.trainable(model_cfg, options)
 
 
 def metadata(model_cfg: ModelConfig) -> dict:
-    """What a checkpoint records to rebuild its network: the whole model section (variant and structure)."""
-    return {"format": METADATA_FORMAT, "model": dataclasses.asdict(dataclasses.replace(model_cfg, init_from=None))}
+    """What a checkpoint records to rebuild its network: the whole model section (variant and structure), and
+    whatever the variant describes of itself (the Control-LLM `expansion` block)."""
+    spec, options = _split(model_cfg)
+    extra = spec.describe(model_cfg, options) if spec.describe else {}
+    return {"format": METADATA_FORMAT, "model": dataclasses.asdict(dataclasses.replace(model_cfg, init_from=None)),
+            **extra}
+
+
+def name_of(model_cfg: ModelConfig) -> str:
+    return _split(model_cfg)[0].name
+
+
+def options_of(model_cfg: ModelConfig) -> dict:
+    return _split(model_cfg)[1]
+
+
+def from_base(model_cfg: ModelConfig, base_cfg: ModelConfig, base_params: dict, fresh_params: dict) -> dict:
+    """This variant's weights made from a plain model's (`model.init_from` names a plain run)."""
+    spec, options = _split(model_cfg)
+    if name_of(base_cfg) != PLAIN:
+        raise ValueError(f"the base is already a {name_of(base_cfg)!r} model; a {spec.name!r} variant starts "
+                         "from a plain one")
+    if spec.from_base is None:
+        raise ValueError(f"model.variant {spec.name!r} cannot start from a plain checkpoint")
+    runtime = ("dtype", "remat", "attention", "init_from", "variant")
+    want, have = dataclasses.asdict(model_cfg), dataclasses.asdict(base_cfg)
+    diff = [k for k in want if k not in runtime and want[k] != have[k]]
+    if diff:
+        raise ValueError(f"the base model differs from this model section (model.{diff[0]}: {have[diff[0]]!r} "
+                         f"there, {want[diff[0]]!r} here)")
+    return spec.from_base(model_cfg, options, base_params, fresh_params)
 
 
 def from_metadata(meta: dict) -> ModelConfig:

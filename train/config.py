@@ -14,6 +14,7 @@ import typing
 import yaml
 
 from mathlm.models import variants
+from mathlm.models.expand import NAME as EXPAND, ExpandOptions
 from mathlm.models.transformer import ModelConfig
 from mathlm.train import objectives
 
@@ -57,7 +58,12 @@ class TrainConfig:
     lr: float | None = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (SMDM: 2e-4 -> 2e-5)
     warmup_steps: int | None = None
+    warmup_from: float = 0.0  # lr at the start of the warmup (Control-LLM: eta_min = 1e-5)
+    # Cosine horizon in steps (warmup included): the lr reaches lr * min_lr_ratio there; None = train.steps.
+    horizon_steps: int | None = None
     weight_decay: float = 0.1
+    # wd(t) = ratio * lr(t) on every trainable leaf (Control-LLM's `update_weigth_decay`, 0.1); replaces weight_decay
+    weight_decay_lr_ratio: float | None = None
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -108,6 +114,9 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    # Control-LLM expansion (models/expand.py; the `convert expand` flags): with model.init_from a plain run, the
+    # run expands it at init. Sets model.variant to {name: expand, ...these keys}.
+    expand: ExpandOptions | None = None
 
 
 # ----------------------------------------------------------------------------- conversion with type checks
@@ -181,6 +190,9 @@ def _build(cls, raw: dict, prefix: str):
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
         tp = hints[key]
+        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if optional and value is not None:  # an optional section (`expand:`)
+            tp = optional[0]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{full}.")
         else:
@@ -275,8 +287,22 @@ def _objective_section(cfg: Config, moved: dict):
     return _build(spec.section, {**{k: v for k, v in moved.items() if k in fields}, **raw}, "train.objective.")
 
 
+def _expand_variant(cfg: Config) -> Config:
+    """The `expand:` section as the model variant it describes."""
+    if cfg.expand is None:
+        return cfg
+    want = {"name": EXPAND, **dataclasses.asdict(cfg.expand)}
+    have = cfg.model.variant
+    if have is not None and have != want and not (isinstance(have, dict) and have.get("name") == EXPAND
+                                                  and ExpandOptions.parse({k: v for k, v in have.items()
+                                                                           if k != "name"}) == cfg.expand):
+        raise ConfigError(f"expand: and model.variant disagree ({have!r}); set one of them")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=want))
+
+
 def _resolve_defaults(cfg: Config, moved: dict | None = None) -> Config:
     """Type the objective section and fill the settings whose default depends on it (see TrainConfig.lr)."""
+    cfg = _expand_variant(cfg)
     t = cfg.train
     section = _objective_section(cfg, moved or {})
     spec = objectives.get_spec(section.name)
@@ -289,8 +315,12 @@ def validate(cfg: Config) -> None:
     try:
         cfg.model.validate()
         variants.validate(cfg.model)
+        variants.abstract_check(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if variants.needs_base(cfg.model) and not cfg.model.init_from:
+        raise ConfigError(f"model.variant {variants.name_of(cfg.model)} is made from a trained model: set "
+                          "model.init_from (a plain run to expand, or an expanded one)")
     t = cfg.train
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
@@ -302,6 +332,8 @@ def validate(cfg: Config) -> None:
         (t.lr is not None and t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.warmup_steps is not None and t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
         (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.warmup_from >= 0, f"train.warmup_from must be >= 0, got {t.warmup_from}"),
+        (t.horizon_steps is None or t.horizon_steps >= 1, f"train.horizon_steps must be >= 1, got {t.horizon_steps}"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),

@@ -9,6 +9,7 @@ periodic eval, checkpoints, SIGTERM and the NaN guard.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import signal
@@ -17,14 +18,16 @@ import jax
 import numpy as np
 
 from mathlm import models
+from mathlm.models import sharding as shard_rules
+from mathlm.models import variants
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.objectives import sft_pad_is_eos
-from mathlm.train.runs import RUNTIME_FIELDS
+from mathlm.train.runs import RUNTIME_FIELDS, model_config_of
 from mathlm.train.runtime import flops_6nd, flops_per_token
-from mathlm.train.state import FrozenSourceError, source_record
-from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, to_global
+from mathlm.train.state import FrozenSourceError, combine, source_record
+from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, sharding_rules, to_global
 
 # Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
 RUNTIME_MODEL_FIELDS = (*RUNTIME_FIELDS, "init_from")
@@ -135,17 +138,56 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
             frozen, records = _restore_frozen(setup, meta, where, workdir), meta["frozen"]
         log(f"resuming from step {start} (checkpoint in {checkpointer.directory})")
         # The model section as this run computes it now (dtype, remat, attention may differ from the last save).
-        return start, trainable, frozen, opt, data_state, {**models.metadata(cfg.model), "frozen": records}
+        keep = {"expansion": meta["expansion"]} if meta and "expansion" in meta else {}  # its expanded_from
+        return start, trainable, frozen, opt, data_state, {**models.metadata(cfg.model), **keep, "frozen": records}
     trainable, frozen, opt = setup.init_fn(cfg.train.seed)
     source = None
     if cfg.model.init_from:
-        params, from_step = ckpt.load_params(cfg.model.init_from, setup.abstract_params, setup.params_sh)
+        params, from_step, unchanged = _params_from_init(setup, combine(trainable, frozen["model"]), log)
         trainable, frozen_model = setup.split(params)
         frozen = setup.frozen_from(params, frozen_model)
-        source = (ckpt.resolve(cfg.model.init_from)[0], from_step)
-        log(f"initialised params from {cfg.model.init_from} (step {from_step})")
+        # Weights made from the source (an expansion) are not the source's: they are written once instead.
+        source = (ckpt.resolve(cfg.model.init_from)[0], from_step) if unchanged else None
     meta = {**models.metadata(cfg.model), "frozen": _frozen_records(setup, workdir, frozen, source)}
+    if "expansion" in meta and source is None and cfg.model.init_from:
+        meta["expansion"]["expanded_from"] = str(ckpt.resolve(cfg.model.init_from)[0])
     return 0, trainable, frozen, opt, None, meta
+
+
+def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
+    """(params, source step, loaded unchanged) from model.init_from: the same network loads as it is; a plain
+    one is made into this run's variant (Control-LLM expansion at init) by the variant's `from_base`."""
+    cfg, path = setup.cfg, setup.cfg.model.init_from
+    src_cfg = model_config_of(path, cfg.model)
+    src_name, name = variants.name_of(src_cfg), variants.name_of(cfg.model)
+    if src_name == name:
+        if name != variants.PLAIN and _variant_key(src_cfg) != _variant_key(cfg.model):
+            raise ckpt.CheckpointError(f"model.init_from={path} holds a {src_name} model with "
+                                       f"{_variant_key(src_cfg)}; this config's expand:/model.variant says "
+                                       f"{_variant_key(cfg.model)}")
+        params, step = ckpt.load_params(path, setup.abstract_params, setup.params_sh)
+        log(f"initialised params from {path} (step {step})")
+        return params, step, True
+    if src_name != variants.PLAIN or not variants.needs_base(cfg.model):
+        raise ckpt.CheckpointError(f"model.init_from={path} holds a {src_name} model; this config builds a "
+                                   f"{name} one")
+    runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
+    base_cfg = dataclasses.replace(src_cfg, init_from=None, **runtime)
+    base_like = models.abstract(base_cfg)[1]
+    base_sh = shard_rules.param_shardings(base_like, setup.mesh, sharding_rules(cfg))
+    base, step = ckpt.load_params(path, base_like, base_sh)
+    try:
+        params = variants.from_base(cfg.model, base_cfg, base, fresh)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"model.init_from={path}: {e}") from None
+    params = jax.device_put(params, setup.params_sh)
+    log(f"initialised params from {path} (step {step}), made into model.variant {name}")
+    return params, step, False
+
+
+def _variant_key(model_cfg) -> dict:
+    """A variant's options that define the network (provenance such as expanded_from left out)."""
+    return {k: v for k, v in sorted(variants.options_of(model_cfg).items()) if k != "expanded_from"}
 
 
 def _log_frozen(setup: Setup, log) -> None:
@@ -241,14 +283,27 @@ def _check_fields(setup: Setup, batch: dict) -> None:
 
 
 def _run_eval(setup: Setup, eval_fn, trainable, frozen, evals) -> dict:
-    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    """Held-out loss, perplexity, bits per byte, and each merge site's running-mean gate over the eval batches
+    (reset at every eval, as the reference's `get_interp_weights`)."""
+    sums: dict[str, float] = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for b in evals:
         out = jax.device_get(eval_fn(trainable, frozen, to_global(setup, b)))
-        for k in sums:
-            sums[k] += float(out[k])
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     loss = sums["nll"] / max(sums["tokens"], 1.0)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)),
-            "eval/bpb": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+    row = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)),
+           "eval/bpb": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+    row.update({f"eval/{k}": v / len(evals) for k, v in sums.items() if k.endswith("/gate")})
+    return row
+
+
+def write_eval_gates(workdir: pathlib.Path, step: int, row: dict) -> None:
+    """<run>/evaluation_results.json: the last eval's per-site gates (`eval_avg_interp_weights`, keyed by block
+    index), which `convert merge-back` uses as each site's interpolation weight."""
+    gates = {k.split("/")[1][4:]: v for k, v in row.items() if k.startswith("eval/site") and k.endswith("/gate")}
+    if gates:
+        (workdir / "evaluation_results.json").write_text(json.dumps(
+            {"step": step, "eval_loss": row["eval/loss"], "eval_avg_interp_weights": gates}, indent=1))
 
 
 def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True,
@@ -271,7 +326,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     tokenizer, src, evals = _data(cfg, workdir, lead, log)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log)
-    log(f"model: {cfg.model.param_count():,} params; mesh {dict(setup.mesh.shape)}; "
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_params))
+    log(f"model: {n_params:,} params; mesh {dict(setup.mesh.shape)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
     _log_frozen(setup, log)
 
@@ -304,6 +360,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
                     logger.advance(step)
                 if evals and (step % t.eval_every == 0 or step == t.steps):
                     last_eval = _run_eval(setup, eval_fn, trainable, frozen, evals)
+                    if lead:
+                        write_eval_gates(workdir, step, last_eval)
                     logger.log(step, last_eval)
                     last.update(last_eval)
                     meter.reset()

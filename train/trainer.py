@@ -66,7 +66,7 @@ class Setup:
         return {"model": frozen_model, "sets": {name: copy_tree(params) for name in self.spec.frozen_sets}}
 
 
-def _rules(cfg: Config):
+def sharding_rules(cfg: Config):
     return tuple((r[0], r[1]) for r in cfg.mesh.rules) if cfg.mesh.rules else shard_rules.DEFAULT_RULES
 
 
@@ -180,7 +180,7 @@ def build(cfg: Config) -> Setup:
     maybe_initialize_distributed(cfg.mesh)
     mesh = make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
-    rules = _rules(cfg)
+    rules = sharding_rules(cfg)
     parts = _model_and_state(cfg, mesh, rules)
     opt_init = parts.pop("opt_init")
     spec, tx = parts["spec"], parts["tx"]
@@ -213,10 +213,12 @@ def make_eval_fn(setup: Setup, byte_lengths: np.ndarray):
         model = merge(trainable, frozen)
         if custom is not None:  # e.g. masked diffusion: its ELBO, not next-token NLL
             return custom(model, batch, table, frozen["sets"])
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits, _, diag = objectives.forward(model, batch["inputs"], batch["positions"], batch["segment_ids"])
         mask = batch["loss_mask"]
+        # Each merge site's batch-mean gate (Control-LLM `avg_interp_weight`), averaged over batches by the loop.
+        gates = {k: v for k, v in diag.items() if k.endswith("/gate")}
         return {"nll": jnp.sum(token_nll(logits, batch["targets"]) * mask), "tokens": jnp.sum(mask),
-                "bytes": jnp.sum(table[batch["targets"]] * mask)}
+                "bytes": jnp.sum(table[batch["targets"]] * mask), **gates}
 
     return jax.jit(ev, in_shardings=(setup.trainable_sh, setup.frozen_sh, setup.batch_sh))
 

@@ -35,7 +35,17 @@ LM_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 def _lm_summary(m: dict) -> dict:
     """Logged values of a next-token objective: accuracy over the loss tokens (`tokens` is the summed denom)."""
-    return {"accuracy": float(m["correct_sum"]) / max(float(m["tokens"]), 1.0)}
+    tokens = max(float(m["tokens"]), 1.0)
+    return {"accuracy": float(m["correct_sum"]) / tokens, **aux_summary(m)}
+
+
+def aux_summary(m: dict) -> dict:
+    """Logged values of what the model sowed: the auxiliary loss and each merge site's diagnostics."""
+    tokens = max(float(m["tokens"]), 1.0)
+    out = {k[4:]: float(v) / tokens for k, v in m.items() if k.startswith("aux/")}
+    if out:
+        out["aux_loss"] = float(m["aux_loss"]) / tokens
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +85,32 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array]:
-    """Run the model, capturing what it sows: (logits, Σ of every `aux_loss`, a float32 scalar)."""
+DIAGNOSTICS = ("site_div", "site_cos", "site_gate")  # what a Control-LLM merge site sows for the logs
+
+
+def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Run the model, capturing what it sows: (logits, Σ of every `aux_loss` as a float32 scalar, diagnostics).
+
+    Diagnostics are per-layer means a model sows for the logs (a merge site's divergence, cos(h_pre, h_exp) and
+    mean gate), keyed "site<block>/<div|cos|gate>"."""
     logits, sown = nnx.capture(model, nnx.Intermediate)(*args)
-    values = [v for path, v in jax.tree_util.tree_leaves_with_path(sown)
-              if any(getattr(k, "key", None) == "aux_loss" for k in path)]
-    return logits, sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in values), jnp.zeros((), jnp.float32))
+    aux, diag = jnp.zeros((), jnp.float32), {}
+    for path, v in jax.tree_util.tree_leaves_with_path(sown):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        value = jnp.sum(jnp.asarray(v, jnp.float32))
+        if "aux_loss" in keys:
+            aux = aux + value
+        for name in DIAGNOSTICS:
+            if name in keys:
+                block = keys[keys.index("blocks") + 1] if "blocks" in keys else "?"
+                diag[f"site{block}/{name.split('_')[1]}"] = value
+    return logits, aux, diag
+
+
+def diagnostics_metrics(diag: dict, denom) -> dict:
+    """Per-micro-batch means -> sums weighted by the normaliser (the trainer's metrics are sums); `summarize`
+    divides by the summed normaliser again."""
+    return {f"aux/{k}": v * denom for k, v in diag.items()}
 
 
 def add_aux_losses(loss_sum: jax.Array, aux: jax.Array, denom: jax.Array) -> jax.Array:

@@ -56,7 +56,7 @@ def ssl_keep(k_ssl, k_len, shape, ratio: float):
 
 def _elbo(model, x0, xt, masked, p, positions, segment_ids, denom):
     """Σ over masked tokens of CE(x0 | x_t) / p, with the logging sums next to it."""
-    logits, aux = forward(model, xt, positions, segment_ids)
+    logits, aux, _ = forward(model, xt, positions, segment_ids)
     nll = token_nll(logits, x0)
     w = masked.astype(jnp.float32)
     weighted = jnp.sum(nll * w / p[:, None])
