@@ -1,4 +1,4 @@
-"""`mathlm convert to-hf RUN OUT` and `mathlm convert from-hf HF_DIR OUT`: Hugging Face interchange (+ --verify)."""
+"""`mathlm convert to-hf | from-hf` (Hugging Face interchange, + --verify) and `expand | merge-back` (Control-LLM)."""
 from __future__ import annotations
 
 import pathlib
@@ -9,7 +9,8 @@ import typer
 
 from mathlm.cli.errors import one_line_errors
 
-app = typer.Typer(help="Convert between mathlm runs and Hugging Face (transformers) model folders.",
+app = typer.Typer(help="Convert between mathlm runs and Hugging Face (transformers) model folders; expand a run "
+                       "(Control-LLM) and merge an expansion back.",
                   no_args_is_help=True)
 
 
@@ -68,3 +69,52 @@ def from_hf(
         out = import_hf(hf_dir, out_ckpt, log=_log)
         if verify:
             _verify(out, hf_dir, atol)
+
+
+@app.command("expand", no_args_is_help=True)
+def expand(
+    run: Annotated[str, typer.Argument(help="plain run folder (trained here or made by `convert from-hf`)")],
+    out_dir: Annotated[pathlib.Path, typer.Argument(help="expanded run folder to write")],
+    type_: Annotated[str, typer.Option("--type", help="concat | stack | hybrid")] = "concat",
+    num_layers: Annotated[int, typer.Option("--num-layers", help="k: merge sites / inserted blocks; must "
+                                                                 "divide the base's layers")] = 8,
+    merge: Annotated[str, typer.Option("--merge", help="lerp | slerp | dlerp | dlerpin | moe | proj | "
+                                                       "prog")] = "lerp",
+    gate_init: Annotated[str, typer.Option("--gate-init", help="gate init f (sigma(0) = 0.5); 'null': lerp "
+                                                               "with a = 1")] = "0.0",
+    freeze_gate: Annotated[bool, typer.Option("--freeze-gate", help="freeze f / b / c")] = False,
+    div_loss: Annotated[str, typer.Option("--div-loss", help="cosine | mse | dot | dot_magnitude | "
+                                                             "attention")] = "cosine",
+    div_alpha: Annotated[float, typer.Option("--div-alpha", help="divergence weight; 0 off, -1 the "
+                                                                 "gate")] = 1.0,
+    norm_alpha: Annotated[float, typer.Option("--norm-alpha", help="relaxed norms in the copies; 0 off, "
+                                                                   "-1 learned")] = 0.0,
+):
+    """Control-LLM expansion of a plain run: frozen pretrained blocks beside trainable copies (see
+    docs/control-llm.md). OUT is an ordinary run folder for generate, eval, train (model.init_from) and, for
+    stack, to-hf."""
+    with one_line_errors():
+        from mathlm.models.expand import ExpandError, ExpandOptions
+        from mathlm.train.expansion import expand_run
+        try:
+            gate = None if gate_init.lower() in ("null", "none") else float(gate_init)
+        except ValueError:
+            raise ExpandError(f"--gate-init must be a number or null, got {gate_init!r}") from None
+        opts = ExpandOptions(type=type_, num_layers=num_layers, merge=merge, gate_init=gate,
+                             freeze_gate=freeze_gate, div_loss=div_loss, div_alpha=div_alpha, norm_alpha=norm_alpha)
+        expand_run(run, out_dir, opts, log=_log)
+
+
+@app.command("merge-back", no_args_is_help=True)
+def merge_back(
+    run: Annotated[str, typer.Argument(help="expanded concat run (merge lerp, slerp, dlerp or dlerpin)")],
+    out_dir: Annotated[pathlib.Path, typer.Argument(help="plain run folder to write")],
+    data: Annotated[str | None, typer.Option("--data", help="held-out JSONL/text for the deltas (default: "
+                                                            "the synthetic validation split)")] = None,
+):
+    """Merge each site's two blocks into one in weight space (an approximation) and report max |Δlogit|, the
+    per-token KL and the next-token accuracy change against the unmerged model."""
+    with one_line_errors():
+        from mathlm.train.expansion import format_merge_report, merge_back_run
+        report = merge_back_run(run, out_dir, data, log=_log)
+        typer.echo(format_merge_report(report))

@@ -32,7 +32,8 @@ def train(
     """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
     with one_line_errors():
         from mathlm.train.config import load_config
-        cfg = load_config(config, overrides or [])
+        from mathlm.train.runs import adopt_init_variant
+        cfg = adopt_init_variant(load_config(config, overrides or []))
         if dry_run:
             from mathlm.train.trainer import dry_run as run_dry
             report = run_dry(cfg)

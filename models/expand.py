@@ -289,4 +289,12 @@ def _from_base(cfg: ModelConfig, options: dict, base: dict, fresh: dict) -> dict
     return expand_params(base, fresh, cfg.n_layers, ExpandOptions.parse(options))
 
 
-register(VariantSpec(NAME, _build, trainable, from_base=_from_base, describe=describe))
+def _plain_form(cfg: ModelConfig, options: dict) -> ModelConfig:
+    opts = ExpandOptions.parse(options)
+    if opts.type != "stack":
+        raise ExpandError(f"an unmerged {opts.type} expansion has no plain form (its merge sites hold two "
+                          "blocks): run `mathlm convert merge-back` first")
+    return dataclasses.replace(cfg, n_layers=len(layout(cfg.n_layers, opts)), variant=None)
+
+
+register(VariantSpec(NAME, _build, trainable, from_base=_from_base, describe=describe, plain_form=_plain_form))

@@ -33,6 +33,9 @@ class VariantSpec:
     from_base: Callable[[ModelConfig, dict, dict, dict], dict] | None = None
     # (cfg, options) -> extra blocks for the checkpoint metadata, e.g. {"expansion": {...}}
     describe: Callable[[ModelConfig, dict], dict] | None = None
+    # (cfg, options) -> the plain ModelConfig whose weights are exactly this variant's (a stack expansion is a
+    # plain model with N + k layers); raises ValueError when there is none. None: the variant has no plain form.
+    plain_form: Callable[[ModelConfig, dict], ModelConfig] | None = None
 
 
 VARIANTS: dict[str, VariantSpec] = {}
@@ -45,7 +48,8 @@ def register(spec: VariantSpec) -> VariantSpec:
     return spec
 
 
-register(VariantSpec(PLAIN, lambda cfg, options, rngs: Transformer(cfg, rngs=rngs)))
+register(VariantSpec(PLAIN, lambda cfg, options, rngs: Transformer(cfg, rngs=rngs),
+                     plain_form=lambda cfg, options: cfg))
 
 
 def _split(model_cfg: ModelConfig) -> tuple[VariantSpec, dict]:
@@ -119,6 +123,14 @@ def name_of(model_cfg: ModelConfig) -> str:
 
 def options_of(model_cfg: ModelConfig) -> dict:
     return _split(model_cfg)[1]
+
+
+def plain_form(model_cfg: ModelConfig) -> ModelConfig:
+    """The plain network with exactly this model's weights (for export); ValueError when there is none."""
+    spec, options = _split(model_cfg)
+    if spec.plain_form is None:
+        raise ValueError(f"a {spec.name!r} model has no plain form")
+    return spec.plain_form(model_cfg, options)
 
 
 def from_base(model_cfg: ModelConfig, base_cfg: ModelConfig, base_params: dict, fresh_params: dict) -> dict:

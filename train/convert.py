@@ -23,9 +23,10 @@ from safetensors.numpy import save_file
 
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models import hf as hf_map
+from mathlm.models import variants
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import load_config
-from mathlm.train.runs import abstract_params, load_run, run_dir_of, save_params_run
+from mathlm.train.runs import abstract_params, load_run, model_config_of, run_dir_of, save_params_run
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Copied with the weights so that tokenizer roles, chat templates and stop ids survive a round trip.
@@ -155,13 +156,14 @@ def to_hf(run_path: str | pathlib.Path, out_dir: str | pathlib.Path, max_shard_b
           log: Callable[[str], None] = lambda m: None) -> pathlib.Path:
     """Write a Hugging Face model folder (LlamaForCausalLM, Qwen2ForCausalLM with q/k/v biases) for a run."""
     run_dir = run_dir_of(run_path)
-    model_cfg = load_config(run_dir / "config.yaml").model
     try:
-        hf_map.config_to_hf(model_cfg, bos_id=None, eos_id=None, pad_id=None)  # refuses before loading weights
-    except hf_map.HFMappingError as e:
+        # The plain network with the same weights (a stack expansion: N + k layers); refuses before loading.
+        model_cfg = variants.plain_form(model_config_of(run_path, load_config(run_dir / "config.yaml").model))
+        hf_map.config_to_hf(model_cfg, bos_id=None, eos_id=None, pad_id=None)
+    except (hf_map.HFMappingError, ValueError) as e:
         raise ConvertError(f"{run_path}: {e}") from None
     run = load_run(run_path)
-    cfg, tok = run.cfg.model, run.tokenizer
+    cfg, tok = variants.plain_form(run.cfg.model), run.tokenizer
     flat = {k: np.asarray(jax.device_get(v)) for k, v in
             ckpt.flatten(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))).items()}
     out = pathlib.Path(out_dir)

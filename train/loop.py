@@ -24,7 +24,7 @@ from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.objectives import sft_pad_is_eos
-from mathlm.train.runs import RUNTIME_FIELDS, model_config_of
+from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant, model_config_of
 from mathlm.train.runtime import flops_6nd, flops_per_token
 from mathlm.train.state import FrozenSourceError, combine, source_record
 from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, sharding_rules, to_global
@@ -161,10 +161,11 @@ def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
     src_cfg = model_config_of(path, cfg.model)
     src_name, name = variants.name_of(src_cfg), variants.name_of(cfg.model)
     if src_name == name:
-        if name != variants.PLAIN and _variant_key(src_cfg) != _variant_key(cfg.model):
-            raise ckpt.CheckpointError(f"model.init_from={path} holds a {src_name} model with "
-                                       f"{_variant_key(src_cfg)}; this config's expand:/model.variant says "
-                                       f"{_variant_key(cfg.model)}")
+        have, want = _variant_key(src_cfg), _variant_key(cfg.model)
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ckpt.CheckpointError(f"model.init_from={path} was built with {name} {diff[0]}={have.get(diff[0])!r}"
+                                       f"; this config's expand:/model.variant says {want.get(diff[0])!r}")
         params, step = ckpt.load_params(path, setup.abstract_params, setup.params_sh)
         log(f"initialised params from {path} (step {step})")
         return params, step, True
@@ -316,6 +317,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     from mathlm.train.metrics import RunLogger, Throughput, console
 
     workdir = pathlib.Path(workdir).absolute()
+    cfg = adopt_init_variant(cfg)
     setup = build(cfg)
     lead = jax.process_index() == 0
     log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)

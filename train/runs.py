@@ -16,6 +16,7 @@ from flax import nnx
 from mathlm import models
 from mathlm.data.tokenizer import Tokenizer
 from mathlm.models import sharding as shard_rules
+from mathlm.models import variants
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, load_config, save_config
@@ -121,3 +122,18 @@ def save_params_run(out_dir: str | pathlib.Path, cfg: Config, params: dict, toke
                  force=True)
         mgr.wait_until_finished()
     return out
+
+
+def adopt_init_variant(cfg: Config) -> Config:
+    """A config that names no model variant takes the one its `model.init_from` checkpoint was built as (train
+    on the output of `convert expand` without repeating its settings)."""
+    path = cfg.model.init_from
+    if cfg.model.variant is not None or not path:
+        return cfg
+    try:
+        src = model_config_of(path, cfg.model)
+    except (ckpt.CheckpointError, FileNotFoundError):
+        return cfg  # reported where the weights are loaded
+    if src.variant is None or variants.name_of(src) == variants.PLAIN:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant=src.variant))

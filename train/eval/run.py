@@ -12,8 +12,9 @@ import pathlib
 from collections.abc import Callable
 
 from mathlm.data import tasks
-from mathlm.data.sources import DataError
+from mathlm.data.sources import DataError, read_examples
 from mathlm.train.eval.evaluate import EvalRequest
+from mathlm.train.eval.gates import has_sites, record, site_gates
 from mathlm.train.eval.inference import GUIDANCE_FLAG, Engine
 
 TASK_NAMES = "synth | gsm8k | math | svamp | mawps | perplexity"
@@ -97,5 +98,13 @@ def run_eval(job: EvalJob, progress: Callable[[int, int | None], None] | None = 
         progress(0, None)
     folder = job.out or engine.run.run_dir / "eval" / job.request.task
     if job.request.task == "perplexity":
-        return _perplexity(engine, job, folder, progress), folder
-    return evaluate(engine, job.request, folder, progress=progress), folder
+        summary = _perplexity(engine, job, folder, progress)
+        texts = [e.text for e in read_examples([job.request.data])][: job.request.limit]
+    else:
+        summary = evaluate(engine, job.request, folder, progress=progress)
+        texts = [r["prompt"] + r["completion"] for r in map(json.loads, open(folder / "samples.jsonl"))]
+    if has_sites(engine.run.model):  # Control-LLM: each merge site's mean gate over this eval's text
+        record(summary, engine.run.run_dir, site_gates(engine.run.model, engine.tokenizer, texts,
+                                                       engine.run.cfg.model.max_seq_len, job.request.batch_size))
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, folder

@@ -1,0 +1,136 @@
+"""`mathlm convert expand` and `mathlm convert merge-back`: Control-LLM surgery on run folders.
+
+expand:     a plain run (trained here or imported by `convert from-hf`) -> an expanded run folder (the factory's
+            `expand` variant; its checkpoint metadata holds the `expansion` block), usable by generate, eval,
+            train (`model.init_from`) and, for stack, `convert to-hf`.
+merge-back: a concat run (lerp/slerp/dlerp/dlerpin) -> a plain run of the base architecture, with the deltas
+            against the unmerged model measured on held-out text (an approximation; no pass threshold).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mathlm import models
+from mathlm.models import merge_back, variants
+from mathlm.models.expand import NAME as EXPAND
+from mathlm.models.expand import ExpandError, ExpandOptions
+from mathlm.train import checkpoint as ckpt
+from mathlm.train.runs import load_run, save_params_run
+
+
+class ExpansionError(ValueError):
+    """A user-facing problem with an expansion or merge-back (one line at the CLI)."""
+
+
+def _pure(model) -> dict:
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def expand_run(run_path: str, out_dir: str | pathlib.Path, opts: ExpandOptions,
+               log: Callable[[str], None] = lambda m: None) -> pathlib.Path:
+    """Expand a plain run into OUT (checkpoint step 0, expanded_from recorded). Checks everything first: a bad
+    setting or an already expanded run writes nothing."""
+    run = load_run(run_path, overrides=("model.dtype=float32",))
+    base_cfg = run.cfg.model
+    if variants.name_of(base_cfg) != variants.PLAIN:
+        raise ExpansionError(f"{run_path} is already expanded (model.variant {variants.name_of(base_cfg)}); expand a plain run")
+    opts = dataclasses.replace(opts, expanded_from=str(ckpt.resolve(str(run_path))[0]))
+    model_cfg = dataclasses.replace(base_cfg, variant={"name": EXPAND, **dataclasses.asdict(opts)})
+    try:
+        opts.validate(base_cfg)
+        params = variants.from_base(model_cfg, base_cfg, _pure(run.model), models.init_params(model_cfg, 0))
+    except ValueError as e:
+        raise ExpansionError(str(e)) from None
+    cfg = dataclasses.replace(run.cfg, model=model_cfg, expand=None)
+    out = save_params_run(out_dir, cfg, params, run.run_dir / "tokenizer.json")
+    block = models.metadata(model_cfg)["expansion"]
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    log(f"expanded {run.run_dir} (step {run.step}): {opts.type}, k={opts.num_layers}, depth "
+        f"{block['num_ori_layers']} -> {block['depth']}, sites {block['sites']}, inserted after "
+        f"{block['inserted_after']}; {n:,} params -> {out}")
+    return out
+
+
+def _eval_gates(run_dir: pathlib.Path) -> dict[int, float]:
+    path = run_dir / "evaluation_results.json"
+    if not path.is_file():
+        return {}
+    return {int(k): float(v) for k, v in json.loads(path.read_text()).get("eval_avg_interp_weights", {}).items()}
+
+
+def heldout_sequences(run, data: str | None, n: int = 32) -> list[list[int]]:
+    """Up to n token sequences of held-out text: `data` (JSONL/text) or the synthetic validation split."""
+    from mathlm.data import synth
+    from mathlm.data.sources import read_examples
+    if data:
+        texts = [e.text for e in read_examples([data])]
+    else:
+        texts = [r["question"] + " " + r["answer"]
+                 for r in synth.generate(synth.SynthConfig.from_data(run.cfg.data))["validation"]]
+    tok, length = run.tokenizer, min(run.cfg.model.max_seq_len, 256)
+    seqs = [([tok.bos_id] + tok.encode(t))[:length] for t in texts[:n]]
+    return [s for s in seqs if len(s) >= 2]
+
+
+def compare(model_a, model_b, seqs: list[list[int]]) -> dict:
+    """max |Δlogit|, mean per-token KL(a || b) and next-token accuracy of both on `seqs` (a = unmerged)."""
+    fwd = jax.jit(lambda m, x: m(x)[0])
+    max_diff, kl_sum, hits_a, hits_b, n = 0.0, 0.0, 0, 0, 0
+    for ids in seqs:
+        x = jnp.asarray([ids], jnp.int32)
+        la, lb = np.asarray(fwd(model_a, x), np.float64), np.asarray(fwd(model_b, x), np.float64)
+        max_diff = max(max_diff, float(np.abs(la - lb).max()))
+        pa = la - np.log(np.exp(la - la.max(-1, keepdims=True)).sum(-1, keepdims=True)) - la.max(-1, keepdims=True)
+        pb = lb - np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lb.max(-1, keepdims=True)
+        kl_sum += float((np.exp(pa) * (pa - pb)).sum(-1)[:-1].sum())
+        targets = np.asarray(ids[1:])
+        hits_a += int((la[:-1].argmax(-1) == targets).sum())
+        hits_b += int((lb[:-1].argmax(-1) == targets).sum())
+        n += len(ids) - 1
+    return {"sequences": len(seqs), "tokens": n, "max_abs_logit_diff": max_diff, "mean_token_kl": kl_sum / max(n, 1),
+            "next_token_accuracy_unmerged": hits_a / max(n, 1), "next_token_accuracy_merged": hits_b / max(n, 1),
+            "accuracy_change": (hits_b - hits_a) / max(n, 1)}
+
+
+def merge_back_run(run_path: str, out_dir: str | pathlib.Path, data: str | None = None,
+                   log: Callable[[str], None] = lambda m: None) -> dict:
+    """Merge a concat run back into the base architecture (OUT: a plain run) and report the deltas."""
+    run = load_run(run_path, overrides=("model.dtype=float32",))
+    cfg = run.cfg.model
+    if variants.name_of(cfg) != EXPAND:
+        raise ExpansionError(f"{run_path} is not an expanded model (nothing to merge back)")
+    opts = ExpandOptions.parse(variants.options_of(cfg))
+    try:
+        merge_back.check_mergeable(opts)
+    except ExpandError as e:
+        raise ExpansionError(f"{run_path}: {e}") from None
+    gates = _eval_gates(run.run_dir)
+    params, used = merge_back.merged_params(_pure(run.model), cfg.n_layers, opts, gates)
+    plain_cfg = dataclasses.replace(cfg, variant=None)
+    merged = nnx.merge(models.abstract(plain_cfg)[0], params)
+    report = {"source": str(run.run_dir), "step": run.step, "merge": opts.merge,
+              "site_weights": {str(j): a for j, a in used.items()},
+              "weights_from": "eval running-mean gate" if gates else "sigma(interpolation factor)",
+              **compare(run.model, merged, heldout_sequences(run, data))}
+    out = save_params_run(out_dir, dataclasses.replace(run.cfg, model=plain_cfg, expand=None), params,
+                          run.run_dir / "tokenizer.json")
+    (out / "merge_back.json").write_text(json.dumps(report, indent=1))
+    log(f"merged {len(used)} sites of {run.run_dir} (step {run.step}) with {opts.merge} -> {out}")
+    return report
+
+
+def format_merge_report(r: dict) -> str:
+    kl = r["mean_token_kl"]
+    return (f"merge-back vs unmerged on {r['sequences']} held-out sequences ({r['tokens']} tokens): max |Δlogit| "
+            f"{r['max_abs_logit_diff']:.3g}, mean KL {kl:.3g} nats/token (ppl ratio {math.exp(kl):.3f}), "
+            f"next-token accuracy {r['next_token_accuracy_unmerged']:.4f} -> {r['next_token_accuracy_merged']:.4f} "
+            f"({r['accuracy_change']:+.4f}); site weights from {r['weights_from']}")
