@@ -29,16 +29,17 @@ def _slerp(h_pre, h_exp, a):
     p, e = h_pre.astype(jnp.float32), h_exp.astype(jnp.float32)
     norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
     c = jnp.clip(jnp.sum(norm(p) * norm(e), -1, keepdims=True), -1.0, 1.0)
-    theta = jnp.arccos(c)
-    s = jnp.maximum(jnp.sqrt(1.0 - c * c + 1e-8), 1e-6)
 
     def spherical(_):
+        theta = jnp.arccos(c)
+        s = jnp.maximum(jnp.sqrt(1.0 - c * c + 1e-8), 1e-6)
         return jnp.sin((1 - a) * theta) / s * p + jnp.sin(a * theta) / s * e
 
     # `(theta < 1e-4).any()` over the whole batch tensor: one aligned token switches every token to lerp. lax.cond
-    # runs one branch only, as the reference's Python `if`, so arccos' infinite slope at c = 1 never reaches a
-    # gradient through the branch not taken.
-    out = lax.cond(jnp.any(theta < 1e-4), lambda _: (1 - a) * p + a * e, spherical, None)
+    # runs one branch only, as the reference's Python `if`, and theta is formed inside the spherical branch (the
+    # test itself carries no gradient), so arccos' infinite slope at c = 1 never meets a zero cotangent (0 * inf).
+    aligned = jnp.any(jnp.arccos(lax.stop_gradient(c)) < 1e-4)
+    out = lax.cond(aligned, lambda _: (1 - a) * p + a * e, spherical, None)
     return out.astype(dtype)
 
 
