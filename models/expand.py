@@ -168,6 +168,8 @@ class MergeSite(nnx.Module):
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         gate = self.gate()
         if kv_cache is not None:  # decoding: no divergence, no statistics
+            # deviation from ControlLLM: slerp decodes with its training rule (batch-global fallback per forward
+            # call); the reference's vLLM path always uses lerp.
             h_pre, c_pre = self.pretrained(x, positions, mask, kv_cache[0], index)
             h_exp, c_exp = self.expanded(x, positions, mask, kv_cache[1], index)
             return merges.merge(self.merge, gate, x, h_pre, h_exp, self.gate_is_one)[0], (c_pre, c_exp)
@@ -188,7 +190,9 @@ class MergeSite(nnx.Module):
 
 
 def _branch(block: Block, x, positions, mask, want_probs: bool):
-    """A block's post-residual output, with its attention probabilities when the divergence needs them."""
+    """A block's post-residual output, with its attention probabilities when the divergence needs them.
+    # deviation from ControlLLM: the probabilities are recomputed by an einsum beside the block's own attention
+    # (which may be a fused kernel), instead of switching the whole model to eager attention."""
     if not want_probs:
         return block(x, positions, mask), None
     h = block.attn_norm(x)

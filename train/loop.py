@@ -25,9 +25,10 @@ from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.objectives import sft_pad_is_eos
 from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant, model_config_of
-from mathlm.train.runtime import flops_6nd, flops_per_token
+from mathlm.train.runtime import flops_6nd
 from mathlm.train.state import FrozenSourceError, combine, source_record
-from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, sharding_rules, to_global
+from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, model_flops_per_token, sharding_rules,
+                                  to_global
 
 # Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
 RUNTIME_MODEL_FIELDS = (*RUNTIME_FIELDS, "init_from")
@@ -341,7 +342,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
         it.set_state(data_state)
     eval_fn = make_eval_fn(setup, _byte_lengths(tokenizer, cfg.model.vocab_size))
     logger = RunLogger(workdir, t.steps, enabled=lead, start_step=start, show_progress=show_progress)
-    meter = Throughput(flops_per_token(cfg.model, t.seq_len), _peak_flops(cfg))
+    meter = Throughput(model_flops_per_token(setup), _peak_flops(cfg))
     metrics = _Metrics(setup, meter, checkpointer)
     last = {}
     step = start

@@ -12,6 +12,7 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     `horizon_steps` (default: the last step), flat after it.
 
     Evaluated at step + 1 so the very first update already moves the weights (lr / warmup_steps).
+    # deviation from ControlLLM (`WarmupCosineAnnealingLR`): its first update uses exactly eta_min.
     """
     horizon = cfg.horizon_steps or cfg.steps
     warmup = min(cfg.warmup_steps, max(horizon - 1, 0))

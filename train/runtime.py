@@ -69,6 +69,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
+def network_flops_per_token(cfg: ModelConfig, seq_len: int, params_like: dict) -> float:
+    """`flops_per_token` counted from the network's actual weights (a model variant: a Control-LLM merge site
+    runs two blocks, a stack expansion N + k): N = every matrix outside the embedding, attention once per q
+    projection. Frozen weights count as trained ones (6N), the usual MFU convention."""
+    leaves = jax.tree_util.tree_flatten_with_path(params_like)[0]
+    paths = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    n_matmul = sum(int(np.prod(x.shape)) for p, (_, x) in zip(paths, leaves) if x.ndim == 2 and
+                   not p.startswith("embed/"))
+    n_matmul += cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0
+    n_attn = sum(p.endswith("attn/q/kernel") for p in paths)
+    return 6.0 * n_matmul + 12.0 * n_attn * cfg.n_heads * cfg.head_dim * seq_len
+
+
 def flops_6nd(cfg: ModelConfig, tokens: float) -> float:
     """Training compute C = 6·N·D of the scaling-law papers (Kaplan et al. 2020; SMDM's IsoFLOP analysis), with N
     the non-embedding parameters and D the tokens; for planning sweeps (MFU uses `flops_per_token`)."""

@@ -27,7 +27,8 @@ from mathlm.train import objectives
 from mathlm.train.config import Config, ConfigError
 from mathlm.train.objectives import token_nll
 from mathlm.train.optim import lr_schedule, make_optimizer
-from mathlm.train.runtime import data_parallel_size, flops_6nd, flops_per_token, make_mesh, maybe_initialize_distributed
+from mathlm.train.runtime import (data_parallel_size, flops_6nd, flops_per_token, make_mesh,
+                                  maybe_initialize_distributed, network_flops_per_token)
 from mathlm.train.state import combine, copy_tree, partition
 
 
@@ -239,6 +240,18 @@ def _per_device_bytes(tree, shardings) -> int:
     return total
 
 
+def model_flops_per_token(setup: Setup) -> float:
+    """Training FLOPs per token of the network this run builds (a variant's counted from its weights)."""
+    cfg = setup.cfg
+    if models.variants.name_of(cfg.model) == models.variants.PLAIN:
+        return flops_per_token(cfg.model, cfg.train.seq_len)
+    return network_flops_per_token(cfg.model, cfg.train.seq_len, setup.abstract_params)
+
+
+def _n_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
 def compile_step(setup: Setup):
     """The step compiled ahead of time for the configured shapes (what the jit builds at the first call)."""
     return setup.step_fn.lower(setup.abstract_trainable, setup.abstract_frozen, setup.abstract_opt,
@@ -255,8 +268,10 @@ def dry_run(cfg: Config) -> dict:
     tokens = cfg.train.batch_size * cfg.train.seq_len
     out = {
         "devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
-        "params": cfg.model.param_count(), "params_non_embedding": cfg.model.param_count(embeddings=False),
-        "flops_per_step_model": flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
+        "params": _n_params(setup.abstract_params), "params_trainable": _n_params(setup.abstract_trainable),
+        "params_non_embedding": _n_params(setup.abstract_params) - cfg.model.param_count()
+        + cfg.model.param_count(embeddings=False),
+        "flops_per_step_model": model_flops_per_token(setup) * tokens,
         "flops_6nd_per_step": flops_6nd(cfg.model, tokens),
         "flops_per_step_xla_per_device": float((cost or {}).get("flops", 0.0)),
         "bytes_params_per_device": _per_device_bytes(setup.abstract_params, setup.params_sh),

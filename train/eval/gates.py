@@ -21,7 +21,9 @@ def has_sites(model) -> bool:
 
 def site_gates(model, tokenizer, texts: Sequence[str], max_len: int, batch_size: int = 16) -> dict[str, float]:
     """Mean over batches of each site's batch-mean gate, over all B*T positions (padding included, as the
-    reference's HF batches); texts are encoded after <bos>, right-padded to the longest row of their batch."""
+    reference's HF batches); texts are encoded after <bos>, right-padded to the longest row of their batch.
+    # deviation from ControlLLM: one extra forward over the eval's prompts + completions, not the generation's
+    # own forward calls."""
     if not has_sites(model) or not texts:
         return {}
     graphdef, params = nnx.split(model)

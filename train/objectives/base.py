@@ -114,5 +114,9 @@ def diagnostics_metrics(diag: dict, denom) -> dict:
 
 
 def add_aux_losses(loss_sum: jax.Array, aux: jax.Array, denom: jax.Array) -> jax.Array:
-    """A summed loss plus the (mean) auxiliary losses scaled by the same normaliser."""
+    """A summed loss plus the (mean) auxiliary losses scaled by the same normaliser.
+
+    # deviation from ControlLLM: after the trainer's division by all loss tokens this is CE + D with D weighted
+    # by each micro-batch's loss tokens; the reference averages per-micro-batch means, (CE_mb + D_mb) / GA (equal
+    # when micro-batches carry equal loss-token counts)."""
     return loss_sum + aux * denom
