@@ -10,9 +10,9 @@ import typer
 def user_errors() -> tuple[type[BaseException], ...]:
     from mathlm.data.sources import DataError
     from mathlm.models.expand import ExpandError
-    from mathlm.train.expansion import ExpansionError
     from mathlm.train.checkpoint import CheckpointError
     from mathlm.train.config import ConfigError
+    from mathlm.train.expansion import ExpansionError
     from mathlm.train.trainer import TrainingError
     return (ConfigError, DataError, CheckpointError, TrainingError, ExpandError, ExpansionError, FileNotFoundError)
 

@@ -14,7 +14,8 @@ import typing
 import yaml
 
 from mathlm.models import variants
-from mathlm.models.expand import NAME as EXPAND, ExpandOptions
+from mathlm.models.expand import NAME as EXPAND
+from mathlm.models.expand import ExpandOptions
 from mathlm.models.transformer import ModelConfig
 from mathlm.train import objectives
 

@@ -27,8 +27,15 @@ from mathlm.train.objectives import sft_pad_is_eos
 from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant, model_config_of
 from mathlm.train.runtime import flops_6nd
 from mathlm.train.state import FrozenSourceError, combine, source_record
-from mathlm.train.trainer import Setup, TrainingError, build, make_eval_fn, model_flops_per_token, sharding_rules,
-                                  to_global
+from mathlm.train.trainer import (
+    Setup,
+    TrainingError,
+    build,
+    make_eval_fn,
+    model_flops_per_token,
+    sharding_rules,
+    to_global,
+)
 
 # Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
 RUNTIME_MODEL_FIELDS = (*RUNTIME_FIELDS, "init_from")

@@ -27,8 +27,14 @@ from mathlm.train import objectives
 from mathlm.train.config import Config, ConfigError
 from mathlm.train.objectives import token_nll
 from mathlm.train.optim import lr_schedule, make_optimizer
-from mathlm.train.runtime import (data_parallel_size, flops_6nd, flops_per_token, make_mesh,
-                                  maybe_initialize_distributed, network_flops_per_token)
+from mathlm.train.runtime import (
+    data_parallel_size,
+    flops_6nd,
+    flops_per_token,
+    make_mesh,
+    maybe_initialize_distributed,
+    network_flops_per_token,
+)
 from mathlm.train.state import combine, copy_tree, partition
 
 

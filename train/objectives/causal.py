@@ -5,7 +5,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, diagnostics_metrics, forward, register, token_nll
+from mathlm.train.objectives.base import (
+    ObjectiveSpec,
+    add_aux_losses,
+    diagnostics_metrics,
+    forward,
+    register,
+    token_nll,
+)
 
 
 def masked_lm(model, batch):
