@@ -118,7 +118,8 @@ def token_divergence(kind: str, h_pre, h_exp):
             return 0.5 * d
         if kind == "dot_magnitude":
             # deviation from ControlLLM: the intended 0.5 cosine + 0.5 (|h_pre| - |h_exp|)^2; used by no recipe.
-            n = jnp.linalg.norm(h_pre.astype(jnp.float32), axis=-1) - jnp.linalg.norm(h_exp.astype(jnp.float32), -1)
+            norm = lambda h: jnp.linalg.norm(h.astype(jnp.float32), axis=-1)
+            n = norm(h_pre) - norm(h_exp)
             return 0.5 * d + 0.5 * n * n
         return d
     if kind == "mse":
