@@ -225,8 +225,8 @@ def expand_params(base: dict, fresh: dict, n_layers: int, opts: ExpandOptions) -
             blocks[j] = src
         elif role == "insert":
             blk = jax.tree.map(jnp.copy, src)  # own buffers: trainable weights are donated to the step
-            blk["attn"] = {**src["attn"], "o": {k: jnp.zeros_like(v) for k, v in src["attn"]["o"].items()}}
-            blk["mlp"] = {**src["mlp"], "down": {k: jnp.zeros_like(v) for k, v in src["mlp"]["down"].items()}}
+            blk["attn"] = {**blk["attn"], "o": {k: jnp.zeros_like(v) for k, v in src["attn"]["o"].items()}}
+            blk["mlp"] = {**blk["mlp"], "down": {k: jnp.zeros_like(v) for k, v in src["mlp"]["down"].items()}}
             blocks[j] = blk
         else:
             site = dict(fresh["blocks"][j])
