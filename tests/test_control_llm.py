@@ -102,6 +102,8 @@ def test_site_indices_and_depth(n, k):
     hybrid = describe(cfg, {"type": "hybrid", "num_layers": k})["expansion"]
     assert (hybrid["inserted_after"], hybrid["sites"], hybrid["depth"]) == (inserted, sites, depth)
     assert depth == n + k // 2 and len(sites) == k // 2
+    # M, the divergence's mean over sites: k for concat, k/2 for hybrid, none for stack.
+    assert [ExpandOptions(type=t, num_layers=k).n_sites for t in ("concat", "hybrid", "stack")] == [k, k // 2, 0]
     lay = layout(n, ExpandOptions(type="hybrid", num_layers=k))
     assert [i for r, i in lay if r != "insert"] == list(range(n))  # every original once, in order
     assert [lay[j] for j in hybrid["site_blocks"]] == [("site", i) for i in sites]
@@ -383,6 +385,23 @@ def test_alpha_minus_one_trains_f_w_and_the_router():
         "mse", 1.0, merges.merge("moe", gt, H_IN, H_PRE, H_EXP)[1],
         *merges.moe_inputs(H_PRE, H_EXP, merges.moe_routed(gt, H_IN))))(gate)
     assert float(jnp.abs(g["router"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("alpha,g", [(0.3, 0.0), (-1.0, 1.2), (-1.0, -0.7)])
+def test_relaxed_norm(alpha, g):
+    """`ExpandedLayerNorm`: beta h + (1 - beta) RMSNorm(h); beta fixed, or clip(2 sigma(g) - 1, 0, 1)."""
+    from mathlm.models.expand import ExpandedNorm
+    norm = ExpandedNorm(D, 1e-5, alpha, g)
+    norm.scale[...] = jnp.asarray(RNG.uniform(0.5, 1.5, D), jnp.float32)
+    beta = alpha if alpha != -1 else float(np.clip(2 * _sig(g) - 1, 0, 1))
+    x = H_IN.astype(np.float64)
+    rms = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * np.asarray(norm.scale[...])
+    np.testing.assert_allclose(norm(H_IN), beta * x + (1 - beta) * rms, atol=1e-5)
+    if alpha == -1:
+        assert norm.gate[...].shape == (1,) and (beta == 0) == (g < 0)
+    site = MergeSite(BASE, ExpandOptions(num_layers=2, norm_alpha=alpha, gate_init=g), nnx.Rngs(0))
+    assert isinstance(site.expanded.attn_norm, ExpandedNorm) and isinstance(site.expanded.mlp_norm, ExpandedNorm)
+    assert not isinstance(site.pretrained.attn_norm, ExpandedNorm)  # only the copy's norms are relaxed
 
 
 # ----------------------------------------------------------------------------- one merge site against plain blocks
