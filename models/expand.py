@@ -173,6 +173,12 @@ class MergeSite(nnx.Module):
             h_pre, c_pre = self.pretrained(x, positions, mask, kv_cache[0], index)
             h_exp, c_exp = self.expanded(x, positions, mask, kv_cache[1], index)
             return merges.merge(self.merge, gate, x, h_pre, h_exp, self.gate_is_one)[0], (c_pre, c_exp)
+        # Divergence and statistics only where a caller collects them (`nnx.capture`, as the objectives' and the
+        # eval's `forward`): a plain call (perplexity, greedy reference, export checks) neither pays for them nor
+        # leaves sown values on the module.
+        if not hasattr(self, "__captures__"):
+            h_pre, h_exp = self.pretrained(x, positions, mask), self.expanded(x, positions, mask)
+            return merges.merge(self.merge, gate, x, h_pre, h_exp, self.gate_is_one)[0]
         want_probs = self.div_loss == "attention" and self.div_alpha != 0
         h_pre, p_pre = _branch(self.pretrained, x, positions, mask, want_probs)
         h_exp, p_exp = _branch(self.expanded, x, positions, mask, want_probs)

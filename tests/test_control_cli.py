@@ -309,9 +309,6 @@ def test_train_expand_section_disagreeing_with_init_from(corpus, expanded, tmp_p
     assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())  # nothing trained
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py: train() creates the workdir (config.yaml, tokenizer.json, "
-                   "checkpoints/) and logs the data before initial_state compares model.init_from's expansion "
-                   "with the config; the issue asks for one line on stderr and nothing written")
 def test_train_expand_section_disagreeing_with_init_from_writes_nothing(corpus, expanded, tmp_path):
     _fails(["train", CONFIG, *tiny_overrides(corpus, *SHAPE, f"model.init_from={expanded}", *DISAGREE),
             "-w", tmp_path / "run"], "merge='lerp'", written=tmp_path / "run")

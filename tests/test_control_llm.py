@@ -694,18 +694,6 @@ def test_frozen_leaves_have_no_optimizer_state(typ, merge, freeze_gate):
 
 # ----------------------------------------------------------------------------- generation
 
-class _Recomputed:
-    """The model for `greedy_reference`, rebuilt from its weights inside each trace. greedy_reference jits a
-    closure over the module, and an expanded model's merge sites sow their diagnostics, which NNX refuses from
-    inside a trace the module was not made in (TraceContextError); a plain Transformer sows nothing."""
-
-    def __init__(self, model):
-        self.cfg, (self.graphdef, self.state) = model.cfg, nnx.split(model)
-
-    def __call__(self, tokens):
-        return nnx.merge(self.graphdef, self.state)(tokens)
-
-
 GEN_CASES = [("concat", m) for m in MERGES] + [("stack", "lerp")]
 
 
@@ -715,8 +703,9 @@ def test_cached_decoding_equals_full_recomputation(base_params, typ, merge):
     model = _model(cfg, _perturbed(_expanded_params(base_params, cfg), cfg, scale=0.2))
     prompt = [5, 17, 3, 99, 42]
     got = Generator(model, eos_id=-1, pad_id=0)([prompt], Sampling(max_new_tokens=10)).tokens[0]
-    want = greedy_reference(_Recomputed(model), prompt, 10, eos_id=-1)
+    want = greedy_reference(model, prompt, 10, eos_id=-1)
     assert got == want and len(set(want)) > 3
+    assert not any(hasattr(b, "site_div") for b in model.blocks)  # plain calls leave nothing sown
 
 
 @pytest.mark.parametrize("typ,merge", [("concat", "dlerp"), ("hybrid", "slerp")])

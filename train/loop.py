@@ -162,10 +162,11 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
     return 0, trainable, frozen, opt, None, meta
 
 
-def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
-    """(params, source step, loaded unchanged) from model.init_from: the same network loads as it is; a plain
-    one is made into this run's variant (Control-LLM expansion at init) by the variant's `from_base`."""
-    cfg, path = setup.cfg, setup.cfg.model.init_from
+def check_init_from(cfg: Config):
+    """How model.init_from becomes this run's weights: (its model section, True when it loads as it is, False
+    when a plain model is made into this variant). Raises CheckpointError on a mismatch, before anything is
+    written."""
+    path = cfg.model.init_from
     src_cfg = model_config_of(path, cfg.model)
     src_name, name = variants.name_of(src_cfg), variants.name_of(cfg.model)
     if src_name == name:
@@ -174,12 +175,22 @@ def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
         if diff:
             raise ckpt.CheckpointError(f"model.init_from={path} was built with {name} {diff[0]}={have.get(diff[0])!r}"
                                        f"; this config's expand:/model.variant says {want.get(diff[0])!r}")
-        params, step = ckpt.load_params(path, setup.abstract_params, setup.params_sh)
-        log(f"initialised params from {path} (step {step})")
-        return params, step, True
+        return src_cfg, True
     if src_name != variants.PLAIN or not variants.needs_base(cfg.model):
         raise ckpt.CheckpointError(f"model.init_from={path} holds a {src_name} model; this config builds a "
                                    f"{name} one")
+    return src_cfg, False
+
+
+def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
+    """(params, source step, loaded unchanged) from model.init_from: the same network loads as it is; a plain
+    one is made into this run's variant (Control-LLM expansion at init) by the variant's `from_base`."""
+    cfg, path = setup.cfg, setup.cfg.model.init_from
+    src_cfg, same = check_init_from(cfg)
+    if same:
+        params, step = ckpt.load_params(path, setup.abstract_params, setup.params_sh)
+        log(f"initialised params from {path} (step {step})")
+        return params, step, True
     runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
     base_cfg = dataclasses.replace(src_cfg, init_from=None, **runtime)
     base_like = models.abstract(base_cfg)[1]
@@ -329,6 +340,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     setup = build(cfg)
     lead = jax.process_index() == 0
     log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)
+    if cfg.model.init_from and not (workdir / "checkpoints").is_dir():
+        check_init_from(cfg)  # a mismatch is one line, with nothing written
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, workdir / "config.yaml")
