@@ -59,7 +59,8 @@ class ExpandOptions:
         n, k = cfg.n_layers, self.num_layers
         checks = [
             (self.type in TYPES, f"expand.type must be one of {', '.join(TYPES)}, got {self.type!r}"),
-            (self.merge in merges.MERGES, f"expand.merge must be one of {', '.join(merges.MERGES)}, got {self.merge!r}"),
+            (self.merge in merges.MERGES,
+             f"expand.merge must be one of {', '.join(merges.MERGES)}, got {self.merge!r}"),
             (self.div_loss in merges.DIVERGENCES,
              f"expand.div_loss must be one of {', '.join(merges.DIVERGENCES)}, got {self.div_loss!r}"),
             (isinstance(k, int) and 1 <= k <= n, f"expand.num_layers must be in [1, {n}] (the base's layers), got {k}"),

@@ -42,7 +42,8 @@ def expand_run(run_path: str, out_dir: str | pathlib.Path, opts: ExpandOptions,
     run = load_run(run_path, overrides=("model.dtype=float32",))
     base_cfg = run.cfg.model
     if variants.name_of(base_cfg) != variants.PLAIN:
-        raise ExpansionError(f"{run_path} is already expanded (model.variant {variants.name_of(base_cfg)}); expand a plain run")
+        raise ExpansionError(f"{run_path} is already expanded (model.variant {variants.name_of(base_cfg)}); "
+                             "expand a plain run")
     opts = dataclasses.replace(opts, expanded_from=str(ckpt.resolve(str(run_path))[0]))
     model_cfg = dataclasses.replace(base_cfg, variant={"name": EXPAND, **dataclasses.asdict(opts)})
     try:

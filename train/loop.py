@@ -201,7 +201,8 @@ def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
     except ValueError as e:
         raise ckpt.CheckpointError(f"model.init_from={path}: {e}") from None
     params = jax.device_put(params, setup.params_sh)
-    log(f"initialised params from {path} (step {step}), made into model.variant {name}")
+    log(f"initialised params from {path} (step {step}), made into model.variant "
+        f"{variants.name_of(cfg.model)}")
     return params, step, False
 
 
