@@ -296,16 +296,20 @@ class Evaluator:
         if which == "A":
             prompts = [self.fmt.prompt(p) for p in self.a]
             out = complete(engine, prompts, Sampling(48, 0.0), stop=self.fmt.stop, batch_size=self.batch_size)
-            ok = [tasks.grade(c, p.reference, "synth")["correct"] for c, p in zip(out.texts, self.a)]
+            grades = [tasks.grade(c, p.reference, "synth") for c, p in zip(out.texts, self.a)]
+            ok = [g["correct"] for g in grades]
+            flexible = float(np.mean([g["correct_by"]["flexible-extract"] for g in grades]))
             examples = [{"q": p.question, "completion": c, "reference": p.reference}
                         for c, p in list(zip(out.texts, self.a))[:2]]
         else:
             prompts = [qa_prompt(r["question"]) for r in self.b]
             out = complete(engine, prompts, Sampling(self.b_max, 0.0), stop=("\n",), batch_size=self.batch_size)
             ok = [self.skills.grade(c, r["answer"]) for c, r in zip(out.texts, self.b)]
+            flexible = None
             examples = [{"q": r["question"], "completion": c, "reference": r["answer"]}
                         for c, r in list(zip(out.texts, self.b))[:2]]
-        return {"accuracy": float(np.mean(ok)), "n": len(ok), "seconds": time.perf_counter() - t0,
+        return {"accuracy": float(np.mean(ok)), "accuracy_flexible": flexible, "n": len(ok),
+                "seconds": time.perf_counter() - t0,
                 "examples": examples}
 
 
@@ -553,6 +557,7 @@ def forgetting(args) -> dict:
             eng = ev.load(wd / "checkpoints" / str(step), reuse=i > 0)
             a, b = ev.accuracy(eng, "A"), ev.accuracy(eng, "B")
             curve.append({"step": step, "task_a_accuracy": a["accuracy"], "task_b_accuracy": b["accuracy"],
+                          "task_a_accuracy_flexible": a["accuracy_flexible"],
                           "examples_A": a["examples"], "examples_B": b["examples"]})
             print(name, step, f"A {a['accuracy']:.3f} B {b['accuracy']:.3f}", flush=True)
         eval_s = time.perf_counter() - t1
@@ -570,6 +575,8 @@ def forgetting(args) -> dict:
             "variant": cfg.model.variant, "trainable_regexes": cfg.train.trainable,
             "task_a_accuracy_before": base["task_a_accuracy"], "task_a_accuracy_after": curve[-1]["task_a_accuracy"],
             "task_b_accuracy_before": base["task_b_accuracy"], "task_b_accuracy": curve[-1]["task_b_accuracy"],
+            "task_a_accuracy_after_flexible": curve[-1]["task_a_accuracy_flexible"],
+            "mathlm_snapshot_commit": os.environ.get("MATHLM_SNAPSHOT_COMMIT"),
             "trainable_params": n_train, "total_params": n_all,
             "final_loss": last.get("loss"), "final_eval_loss_B": last.get("eval/loss"),
             "curve": curve, "sites": per_site, "eval_gates": eval_gates,
@@ -646,7 +653,7 @@ def plot_forgetting(res: dict) -> None:
 # ----------------------------------------------------------------------------- 4. merge_back_delta
 
 def mergeback(args) -> dict:
-    from mathlm.train.convert import compare, heldout_sequences, merge_back_run
+    from mathlm.train.expansion import compare, heldout_sequences, merge_back_run
     from mathlm.train.runs import load_run
     t_all = time.perf_counter()
     runs = args.runs
