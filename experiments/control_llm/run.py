@@ -66,10 +66,10 @@ def machine() -> dict:
             "mathlm_snapshot_commit": os.environ.get("MATHLM_SNAPSHOT_COMMIT")}
 
 
-def write_results(name: str, res: dict) -> pathlib.Path:
+def write_results(name: str, res: dict, file: str = "results.json") -> pathlib.Path:
     out = HERE / name
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
+    path = out / file
     path.write_text(json.dumps(res, indent=1, default=float) + "\n")
     return path
 
@@ -537,14 +537,15 @@ def forgetting(args) -> dict:
     base_dir = pathlib.Path(base["run"])
     ev = Evaluator(data, args.n_eval)
     names = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    path = HERE / "forgetting" / "results.json"
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = HERE / "forgetting" / f"results{suffix}.json"
     old = json.loads(path.read_text()) if path.is_file() and args.methods != "all" else {}
     methods = old.get("methods", {})
     for name in names:
         t0 = time.perf_counter()
         recipe, ov = method_overrides(name, base_dir, data, args)
         cfg = adopt_init_variant(load_config(CONFIGS / recipe, ov))
-        wd = runs / f"B-{name}"
+        wd = runs / f"B-{name}{suffix}"
         if wd.exists():
             shutil.rmtree(wd)
         last = train(cfg, wd, show_progress=False)
@@ -594,11 +595,11 @@ def forgetting(args) -> dict:
                "task_b": {"source": "data/skills.py", "skill": args.b_skill, "min_len": args.b_min_len,
                           "max_len": args.b_max_len, "n": args.b_n, "format": "sft (question, answer)"},
                "wall_seconds_this_invocation": time.perf_counter() - t_all}
-        write_results("forgetting", res)
+        write_results("forgetting", res, path.name)
     res["wall_seconds_methods"] = sum(m["wall_seconds"] for m in methods.values())
-    res["wall_seconds_total"] = res["wall_seconds_methods"] + base["wall_seconds"]
-    write_results("forgetting", res)
-    plot_forgetting(res)
+    res["wall_seconds_total"] = res["wall_seconds_methods"] + (0 if args.tag else base["wall_seconds"])
+    write_results("forgetting", res, path.name)
+    plot_forgetting(res, suffix)
     return res
 
 
@@ -606,7 +607,7 @@ COLORS = {"full": "C3", "partial": "C1", "stack": "C4", "hybrid": "C5", "concat_
           "concat_lerp_alpha0": "C9", "concat_dlerp_alpha0": "C8"}
 
 
-def plot_forgetting(res: dict) -> None:
+def plot_forgetting(res: dict, suffix: str = "") -> None:
     from matplotlib.figure import Figure
     out = HERE / "forgetting"
     fig = Figure(figsize=(11, 4.2))
@@ -629,7 +630,7 @@ def plot_forgetting(res: dict) -> None:
         ax.grid(alpha=0.3)
     axb.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_step.png", dpi=120)
+    fig.savefig(out / f"accuracy_vs_step{suffix}.png", dpi=120)
 
     site_methods = [(n, m) for n, m in res["methods"].items() if m["sites"]]
     fig = Figure(figsize=(11, 4.2))
@@ -647,7 +648,7 @@ def plot_forgetting(res: dict) -> None:
         ax.grid(alpha=0.3)
     axg.legend(fontsize=5, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "sites_cos_gate.png", dpi=120)
+    fig.savefig(out / f"sites_cos_gate{suffix}.png", dpi=120)
 
 
 # ----------------------------------------------------------------------------- 4. merge_back_delta
@@ -738,6 +739,7 @@ def _add_task_args(p):
     p.add_argument("--b-seq-len", type=int, default=32)
     p.add_argument("--b-batch", type=int, default=32)
     p.add_argument("--b-lr", type=float, default=None, help="default: the recipe's lr (1e-3)")
+    p.add_argument("--tag", default="", help="an ablation: forgetting/results_<tag>.json and *_<tag>.png")
 
 
 def main():
@@ -773,6 +775,8 @@ def main():
                          ("forgetting", plot_forgetting), ("merge_back_delta", plot_mergeback)):
             if (HERE / name / "results.json").is_file():
                 fn(read_results(name))
+        for path in sorted((HERE / "forgetting").glob("results_*.json")):  # ablations (--tag)
+            plot_forgetting(json.loads(path.read_text()), "_" + path.stem.removeprefix("results_"))
 
 
 if __name__ == "__main__":
