@@ -198,8 +198,9 @@ class SynthConfig:
 
     @classmethod
     def from_data(cls, data) -> SynthConfig:
-        """The corpus a run's `data:` section asks for (its synth_n, synth_seed and synth_max_steps)."""
-        return cls(n=data.synth_n, seed=data.synth_seed, max_steps=data.synth_max_steps)
+        """The corpus a run's `data:` section asks for (its synth_n, synth_seed, synth_max_steps, synth_max_value)."""
+        return cls(n=data.synth_n, seed=data.synth_seed, max_steps=data.synth_max_steps,
+                   max_value=getattr(data, "synth_max_value", 100))
 
 
 class _Reject(Exception):
@@ -410,7 +411,8 @@ def write_jsonl(splits: dict[str, list[dict]], out_dir: str | pathlib.Path) -> d
 def split_paths(root: str | pathlib.Path, cfg: SynthConfig) -> dict[str, pathlib.Path]:
     """Where the corpus of `cfg` lives under `root`: root/synth-n{n}-s{seed}-k{max_steps}/<split>.jsonl (named by
     the settings a run's `data:` section can choose; see SynthConfig.from_data)."""
-    folder = pathlib.Path(root) / f"synth-n{cfg.n}-s{cfg.seed}-k{cfg.max_steps}"
+    value = "" if cfg.max_value == 100 else f"-v{cfg.max_value}"  # the default keeps earlier runs' folder names
+    folder = pathlib.Path(root) / f"synth-n{cfg.n}-s{cfg.seed}-k{cfg.max_steps}{value}"
     return {split: folder / f"{split}.jsonl" for split in SPLITS}
 
 

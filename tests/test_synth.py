@@ -148,3 +148,14 @@ def test_raises_when_dedup_cannot_reach_n(monkeypatch):
     monkeypatch.setattr(synth, "_make_problem", lambda rng, cfg: dict(fixed))
     with pytest.raises(ValueError, match="unique problems"):
         synth.generate(synth.SynthConfig(n=5))
+
+
+def test_data_section_chooses_the_max_value_and_names_its_folder(tmp_path):
+    from mathlm.train.config import load_config
+    cfg = load_config(None, ["data.synth_max_value=10", "data.synth_n=200"])
+    sc = synth.SynthConfig.from_data(cfg.data)
+    assert sc.max_value == 10
+    paths = synth.ensure_splits(tmp_path, sc)
+    assert paths["train"].parent.name == "synth-n200-s0-k5-v10"
+    default = synth.split_paths(tmp_path, synth.SynthConfig.from_data(load_config(None, []).data))
+    assert default["train"].parent.name == "synth-n20000-s0-k5"  # earlier runs' cached corpora keep their names

@@ -35,6 +35,7 @@ class DataConfig:
     synth_n: int = 20000  # problems in the built-in corpus
     synth_seed: int = 0
     synth_max_steps: int = 5
+    synth_max_value: int = 100  # upper bound of every number in a synthetic question
     truncate: bool = True  # SFT pairs longer than seq_len: truncate (with a count reported) or error
     # What fills an SFT row after the response: "pad" (masked out), "eos" (SMDM: the padding is EOS and a target of
     # the mdm_sft objective), "auto" = the objective's padding policy (eos for mdm_sft, else pad).

@@ -69,17 +69,37 @@ def _eval_gates(run_dir: pathlib.Path) -> dict[int, float]:
 
 
 def heldout_sequences(run, data: str | None, n: int = 32) -> list[list[int]]:
-    """Up to n token sequences of held-out text: `data` (JSONL/text) or the synthetic validation split."""
+    """Up to n token sequences of held-out text: `data` (JSONL/text), else the run's own `data.validation` (files
+    or token stores), else (a run trained on the synthetic corpus) that corpus's validation split; otherwise
+    --data is required."""
     from mathlm.data import synth
     from mathlm.data.sources import read_examples
+    from mathlm.data.store import TokenStore, is_store
+    d, tok = run.cfg.data, run.tokenizer
+    length = min(run.cfg.model.max_seq_len, 256)
     if data:
-        texts = [e.text for e in read_examples([data])]
+        sources = [data]
+    elif d.validation:
+        sources = list(d.validation)
+    elif d.train == ["synth"]:
+        sources = [str(synth.ensure_splits(run.run_dir / "data", synth.SynthConfig.from_data(d))["validation"])]
     else:
-        texts = [r["question"] + " " + r["answer"]
-                 for r in synth.generate(synth.SynthConfig.from_data(run.cfg.data))["validation"]]
-    tok, length = run.tokenizer, min(run.cfg.model.max_seq_len, 256)
-    seqs = [([tok.bos_id] + tok.encode(t))[:length] for t in texts[:n]]
-    return [s for s in seqs if len(s) >= 2]
+        raise ExpansionError(f"{run.run_dir} was not trained on the synthetic corpus and names no "
+                             "data.validation: pass --data FILE (held-out JSONL or text)")
+    seqs: list[list[int]] = []
+    for src in sources:
+        if is_store(src):
+            store = TokenStore(src)
+            docs = (store.doc(i)[0].tolist() for i in range(min(store.n_docs, n)))
+        else:
+            docs = (tok.encode(e.text) for e in read_examples([src]))
+        for ids in docs:
+            ids = ids if ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
+            if len(ids) >= 2:
+                seqs.append(ids[:length])
+            if len(seqs) == n:
+                return seqs
+    return seqs
 
 
 def compare(model_a, model_b, seqs: list[list[int]]) -> dict:
