@@ -17,10 +17,9 @@ the question, so a question never appears in two splits.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import pathlib
 import random
+
+from mathlm.data.synth import split_of, write_jsonl  # noqa: F401  (write_jsonl: the same JSONL splits)
 
 SKILLS = ("reverse", "sort", "base2")
 SPLITS = ("train", "validation", "test")
@@ -61,13 +60,6 @@ def solve(skill: str, digits: str) -> tuple[str, str]:
     raise ValueError(f"unknown skill {skill!r}; choose one of {', '.join(SKILLS)}")
 
 
-def _split_of(question: str, cfg: SkillConfig) -> tuple[str, str]:
-    digest = hashlib.sha256(question.encode("utf-8")).hexdigest()
-    u = int(digest[:16], 16) / 16 ** 16
-    split = "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.val_fraction else "train"
-    return split, digest
-
-
 def generate(cfg: SkillConfig) -> dict[str, list[dict]]:
     """cfg.n unique problems (lengths uniform in min_len..max_len), split by question hash."""
     cfg.validate()
@@ -81,22 +73,10 @@ def generate(cfg: SkillConfig) -> dict[str, list[dict]]:
         if question in seen:
             continue
         seen.add(question)
-        split, digest = _split_of(question, cfg)
+        split, digest = split_of(question, cfg)
         splits[split].append({"id": f"{cfg.skill}-{digest[:16]}", "question": question, "answer": answer,
                               "skill": cfg.skill})
     return splits
-
-
-def write_jsonl(splits: dict[str, list[dict]], out_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """<out_dir>/<split>.jsonl per split; returns the paths."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, records in splits.items():
-        paths[name] = out / f"{name}.jsonl"
-        with open(paths[name], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    return paths
 
 
 def extract(completion: str) -> str:

@@ -364,8 +364,9 @@ def _check_config(cfg: SynthConfig) -> None:
         raise ValueError("need n >= 0, fractions >= 0 and val_fraction + test_fraction < 1")
 
 
-def _split_of(question: str, cfg: SynthConfig) -> tuple[str, str]:
-    """Split chosen by a hash of the text alone, so it never depends on generation order."""
+def split_of(question: str, cfg) -> tuple[str, str]:
+    """Split chosen by a hash of the text alone, so it never depends on generation order (cfg: anything with
+    val_fraction and test_fraction, e.g. SynthConfig or data/skills.py's SkillConfig)."""
     digest = hashlib.sha256(question.encode("utf-8")).hexdigest()
     u = int(digest[:16], 16) / 16**16
     split = "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.val_fraction else "train"
@@ -390,7 +391,7 @@ def generate(cfg: SynthConfig) -> dict[str, list[dict]]:
             continue
         misses = 0
         seen.add(rec["question"])
-        split, digest = _split_of(rec["question"], cfg)
+        split, digest = split_of(rec["question"], cfg)
         splits[split].append({"id": f"synth-{digest[:16]}", **rec})
     return splits
 
