@@ -110,7 +110,8 @@ def merge_back(
     run: Annotated[str, typer.Argument(help="expanded concat run (merge lerp, slerp, dlerp or dlerpin)")],
     out_dir: Annotated[pathlib.Path, typer.Argument(help="plain run folder to write")],
     data: Annotated[str | None, typer.Option("--data", help="held-out JSONL/text for the deltas (default: "
-                                                            "the synthetic validation split)")] = None,
+                                                            "the run's data.validation, or its synthetic "
+                                                            "validation split)")] = None,
 ):
     """Merge each site's two blocks into one in weight space (an approximation) and report max |Δlogit|, the
     per-token KL and the next-token accuracy change against the unmerged model."""

@@ -308,4 +308,13 @@ def _plain_form(cfg: ModelConfig, options: dict) -> ModelConfig:
     return dataclasses.replace(cfg, n_layers=len(layout(cfg.n_layers, opts)), variant=None)
 
 
-register(VariantSpec(NAME, _build, trainable, from_base=_from_base, describe=describe, plain_form=_plain_form))
+def _structure(options: dict) -> dict:
+    """What defines the weights: the layout, the merge's gate parameters, relaxed norms. The divergence, its
+    weight, the freeze flags and the gate's init value are training settings a later run may change."""
+    opts = ExpandOptions.parse(options)
+    return {"type": opts.type, "num_layers": opts.num_layers, "merge": opts.merge, "norm_alpha": opts.norm_alpha,
+            "gate_init": "null" if opts.gate_init is None else "a value"}
+
+
+register(VariantSpec(NAME, _build, trainable, from_base=_from_base, describe=describe, plain_form=_plain_form,
+                     structure=_structure))

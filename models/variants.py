@@ -36,6 +36,9 @@ class VariantSpec:
     # (cfg, options) -> the plain ModelConfig whose weights are exactly this variant's (a stack expansion is a
     # plain model with N + k layers); raises ValueError when there is none. None: the variant has no plain form.
     plain_form: Callable[[ModelConfig, dict], ModelConfig] | None = None
+    # options -> the ones that define the network's weights (a checkpoint loads into a config that agrees on
+    # these; the rest, e.g. a loss weight, may change between runs). None: all of them.
+    structure: Callable[[dict], dict] | None = None
 
 
 VARIANTS: dict[str, VariantSpec] = {}
@@ -123,6 +126,12 @@ def name_of(model_cfg: ModelConfig) -> str:
 
 def options_of(model_cfg: ModelConfig) -> dict:
     return _split(model_cfg)[1]
+
+
+def structure_of(model_cfg: ModelConfig) -> dict:
+    """The variant's options that define its weights (see VariantSpec.structure)."""
+    spec, options = _split(model_cfg)
+    return dict(sorted((spec.structure(options) if spec.structure else options).items()))
 
 
 def plain_form(model_cfg: ModelConfig) -> ModelConfig:

@@ -88,7 +88,7 @@ EXPANSION = {"type": "concat", "merge": "lerp", "num_layers": 2, "num_ori_layers
 
 def test_convert_expand_writes_an_expanded_run(plain, expanded):
     exp = _expansion(expanded, 0)
-    assert pathlib.Path(exp.pop("expanded_from")) == plain / "checkpoints"
+    assert pathlib.Path(exp.pop("expanded_from")) == plain  # the run folder it was expanded from
     assert exp == EXPANSION
     run, base = load_run(expanded), load_run(plain)
     assert run.cfg.model.variant["name"] == "expand" and run.step == 0
@@ -120,7 +120,7 @@ def test_expansion_metadata_survives_training_and_resume(plain, expanded, traine
     wd, first = trained
     want = {**EXPANSION, "expanded_from": _expansion(expanded, 0)["expanded_from"]}
     assert first == want and _expansion(wd, 2) == want
-    assert pathlib.Path(want["expanded_from"]) == plain / "checkpoints"
+    assert pathlib.Path(want["expanded_from"]) == plain
     run, src = load_run(wd), load_run(expanded)
     assert run.step == 2 and run.cfg.model.variant == src.cfg.model.variant
     p, q = _flat(run.model), _flat(src.model)
@@ -194,7 +194,7 @@ def test_expand_at_init_from_a_plain_run(corpus, plain, tmp_path):
                                           "expand.freeze_gate=true", "expand.div_loss=cosine"),
          "-w", wd, "--no-progress"])
     exp = _expansion(wd, 2)
-    assert pathlib.Path(exp.pop("expanded_from")) == plain / "checkpoints"
+    assert pathlib.Path(exp.pop("expanded_from")) == plain  # the run folder it was expanded from
     assert exp == {**EXPANSION, "type": "hybrid", "merge": "dlerp", "depth": 5, "sites": [3], "site_blocks": [4],
                    "inserted_after": [1], "inserted_blocks": [2], "gate_init": 0.0, "freeze_gate": True,
                    "div_loss": "cosine", "div_alpha": 1.0}
@@ -312,3 +312,51 @@ def test_train_expand_section_disagreeing_with_init_from(corpus, expanded, tmp_p
 def test_train_expand_section_disagreeing_with_init_from_writes_nothing(corpus, expanded, tmp_path):
     _fails(["train", CONFIG, *tiny_overrides(corpus, *SHAPE, f"model.init_from={expanded}", *DISAGREE),
             "-w", tmp_path / "run"], "merge='lerp'", written=tmp_path / "run")
+
+
+def test_training_settings_may_change_from_an_expanded_run(corpus, expanded, tmp_path):
+    """The divergence and its weight are training settings: a run from `convert expand` output may change them
+    (one expansion serves the alpha = 0 ablation); only the structure must agree."""
+    wd = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(corpus, *SHAPE, f"model.init_from={expanded}", "train.steps=1",
+                                           "expand.type=concat", "expand.num_layers=2", "expand.merge=lerp",
+                                           "expand.div_loss=cosine", "expand.div_alpha=0"))
+    train(cfg, wd, show_progress=False)
+    logged = [json.loads(line) for line in open(wd / "metrics.jsonl") if '"loss"' in line][-1]
+    assert logged["site1/div"] == 0 and logged["site3/div"] == 0  # alpha 0: nothing computed
+    assert _expansion(wd, 1)["div_alpha"] == 0 and _expansion(wd, 1)["expanded_from"] == str(
+        _expansion(expanded, 0)["expanded_from"])
+
+
+def test_merge_back_ignores_gates_of_another_step(expanded, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(expanded, run)
+    (run / "evaluation_results.json").write_text(json.dumps({"step": 7, "eval_avg_interp_weights": {"1": 0.9,
+                                                                                                    "3": 0.9}}))
+    _ok(["convert", "merge-back", run, tmp_path / "merged", "--data", str(_text_file(tmp_path))])
+    rep = json.loads((tmp_path / "merged" / "merge_back.json").read_text())
+    assert set(rep["site_weight_sources"].values()) == {"sigma(interpolation factor)"}
+    assert rep["site_weights"]["1"] == pytest.approx(_sig(0.5), abs=1e-6)  # --gate-init 0.5, not the stale 0.9
+
+
+def _text_file(tmp_path) -> pathlib.Path:
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Tom has {i} apples and buys {i + 2} more."}) + "\n"
+                            for i in range(8)))
+    return path
+
+
+def test_expand_and_merge_back_refuse_a_non_empty_out_and_keep_the_dtype(corpus, plain, expanded, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    _fails(["convert", "expand", plain, busy, "--num-layers", "2"], "not empty")
+    _fails(["convert", "merge-back", expanded, busy], "not empty")
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    cfg = load_config(None, tiny_overrides(corpus, *SHAPE, "model.dtype=bfloat16"))
+    bf16 = save_params_run(tmp_path / "bf16", cfg, models.init_params(cfg.model, 0), corpus["tokenizer"])
+    _ok(["convert", "expand", bf16, tmp_path / "bf16-x", "--num-layers", "2"])
+    _ok(["convert", "merge-back", tmp_path / "bf16-x", tmp_path / "bf16-m", "--data", str(_text_file(tmp_path))])
+    for out in ("bf16-x", "bf16-m"):  # the output computes as its source did (merge-back compares in float32)
+        assert load_config(tmp_path / out / "config.yaml").model.dtype == "bfloat16"

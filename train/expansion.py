@@ -23,7 +23,8 @@ from mathlm import models
 from mathlm.models import merge_back, variants
 from mathlm.models.expand import NAME as EXPAND
 from mathlm.models.expand import ExpandError, ExpandOptions
-from mathlm.train import checkpoint as ckpt
+from mathlm.train.config import load_config
+from mathlm.train.eval.gates import gates_of
 from mathlm.train.runs import load_run, save_params_run
 
 
@@ -38,13 +39,14 @@ def _pure(model) -> dict:
 def expand_run(run_path: str, out_dir: str | pathlib.Path, opts: ExpandOptions,
                log: Callable[[str], None] = lambda m: None) -> pathlib.Path:
     """Expand a plain run into OUT (checkpoint step 0, expanded_from recorded). Checks everything first: a bad
-    setting or an already expanded run writes nothing."""
-    run = load_run(run_path, overrides=("model.dtype=float32",))
+    setting, an already expanded run or an OUT that holds something writes nothing."""
+    _check_out(out_dir)
+    run = load_run(run_path)  # the run's own dtype: OUT computes as the base did
     base_cfg = run.cfg.model
     if variants.name_of(base_cfg) != variants.PLAIN:
         raise ExpansionError(f"{run_path} is already expanded (model.variant {variants.name_of(base_cfg)}); "
                              "expand a plain run")
-    opts = dataclasses.replace(opts, expanded_from=str(ckpt.resolve(str(run_path))[0]))
+    opts = dataclasses.replace(opts, expanded_from=str(run.run_dir))
     model_cfg = dataclasses.replace(base_cfg, variant={"name": EXPAND, **dataclasses.asdict(opts)})
     try:
         opts.validate(base_cfg)
@@ -61,11 +63,17 @@ def expand_run(run_path: str, out_dir: str | pathlib.Path, opts: ExpandOptions,
     return out
 
 
-def _eval_gates(run_dir: pathlib.Path) -> dict[int, float]:
-    path = run_dir / "evaluation_results.json"
-    if not path.is_file():
-        return {}
-    return {int(k): float(v) for k, v in json.loads(path.read_text()).get("eval_avg_interp_weights", {}).items()}
+def _check_out(out_dir: str | pathlib.Path) -> None:
+    out = pathlib.Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExpansionError(f"{out} already exists and is not empty; choose a new output folder")
+
+
+def _eval_gates(run) -> dict[int, float]:
+    """The last eval's per-site gates, when that eval ran on this very checkpoint (gates of another step, e.g.
+    dlerp's data-dependent ones before more training, would not describe these weights)."""
+    results = gates_of(run.run_dir)
+    return results["gates"] if results and results.get("step") == run.step else {}
 
 
 def heldout_sequences(run, data: str | None, n: int = 32) -> list[list[int]]:
@@ -110,8 +118,8 @@ def compare(model_a, model_b, seqs: list[list[int]]) -> dict:
         x = jnp.asarray([ids], jnp.int32)
         la, lb = np.asarray(fwd(model_a, x), np.float64), np.asarray(fwd(model_b, x), np.float64)
         max_diff = max(max_diff, float(np.abs(la - lb).max()))
-        pa = la - np.log(np.exp(la - la.max(-1, keepdims=True)).sum(-1, keepdims=True)) - la.max(-1, keepdims=True)
-        pb = lb - np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lb.max(-1, keepdims=True)
+        pa = np.asarray(jax.nn.log_softmax(jnp.asarray(la)), np.float64)
+        pb = np.asarray(jax.nn.log_softmax(jnp.asarray(lb)), np.float64)
         kl_sum += float((np.exp(pa) * (pa - pb)).sum(-1)[:-1].sum())
         targets = np.asarray(ids[1:])
         hits_a += int((la[:-1].argmax(-1) == targets).sum())
@@ -125,7 +133,8 @@ def compare(model_a, model_b, seqs: list[list[int]]) -> dict:
 def merge_back_run(run_path: str, out_dir: str | pathlib.Path, data: str | None = None,
                    log: Callable[[str], None] = lambda m: None) -> dict:
     """Merge a concat run back into the base architecture (OUT: a plain run) and report the deltas."""
-    run = load_run(run_path, overrides=("model.dtype=float32",))
+    _check_out(out_dir)
+    run = load_run(run_path, overrides=("model.dtype=float32",))  # compared in float32
     cfg = run.cfg.model
     if variants.name_of(cfg) != EXPAND:
         raise ExpansionError(f"{run_path} is not an expanded model (nothing to merge back)")
@@ -134,16 +143,19 @@ def merge_back_run(run_path: str, out_dir: str | pathlib.Path, data: str | None 
         merge_back.check_mergeable(opts)
     except ExpandError as e:
         raise ExpansionError(f"{run_path}: {e}") from None
-    gates = _eval_gates(run.run_dir)
+    gates = _eval_gates(run)
     params, used = merge_back.merged_params(_pure(run.model), cfg.n_layers, opts, gates)
     plain_cfg = dataclasses.replace(cfg, variant=None)
     merged = nnx.merge(models.abstract(plain_cfg)[0], params)
+    own = "sigma(b)" if opts.merge in ("dlerp", "dlerpin") else "sigma(interpolation factor)"
+    sources = {str(j): "eval running-mean gate" if j in gates else own for j in used}
     report = {"source": str(run.run_dir), "step": run.step, "merge": opts.merge,
-              "site_weights": {str(j): a for j, a in used.items()},
-              "weights_from": "eval running-mean gate" if gates else "sigma(interpolation factor)",
+              "site_weights": {str(j): a for j, a in used.items()}, "site_weight_sources": sources,
+              "weights_from": ", ".join(sorted(set(sources.values()))),
               **compare(run.model, merged, heldout_sequences(run, data))}
-    out = save_params_run(out_dir, dataclasses.replace(run.cfg, model=plain_cfg, expand=None), params,
-                          run.run_dir / "tokenizer.json")
+    dtype = load_config(run.run_dir / "config.yaml", migrate=True).model.dtype  # OUT computes as the run did
+    saved = dataclasses.replace(run.cfg, model=dataclasses.replace(plain_cfg, dtype=dtype), expand=None)
+    out = save_params_run(out_dir, saved, params, run.run_dir / "tokenizer.json")
     (out / "merge_back.json").write_text(json.dumps(report, indent=1))
     log(f"merged {len(used)} sites of {run.run_dir} (step {run.step}) with {opts.merge} -> {out}")
     return report

@@ -9,7 +9,6 @@ periodic eval, checkpoints, SIGTERM and the NaN guard.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -18,13 +17,13 @@ import jax
 import numpy as np
 
 from mathlm import models
-from mathlm.models import sharding as shard_rules
-from mathlm.models import variants
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, save_config
+from mathlm.train.eval.gates import block_of, write_results
+from mathlm.train.init_from import check_init_from, params_from_init, record_provenance
 from mathlm.train.objectives import sft_pad_is_eos
-from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant, model_config_of
+from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant
 from mathlm.train.runtime import flops_6nd
 from mathlm.train.state import FrozenSourceError, combine, source_record
 from mathlm.train.trainer import (
@@ -33,7 +32,6 @@ from mathlm.train.trainer import (
     build,
     make_eval_fn,
     model_flops_per_token,
-    sharding_rules,
     to_global,
 )
 
@@ -150,65 +148,16 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
         return start, trainable, frozen, opt, data_state, {**models.metadata(cfg.model), **keep, "frozen": records}
     trainable, frozen, opt = setup.init_fn(cfg.train.seed)
     source = None
+    meta = models.metadata(cfg.model)
     if cfg.model.init_from:
-        params, from_step, unchanged = _params_from_init(setup, combine(trainable, frozen["model"]), log)
+        params, from_step, unchanged = params_from_init(setup, combine(trainable, frozen["model"]), log)
         trainable, frozen_model = setup.split(params)
         frozen = setup.frozen_from(params, frozen_model)
         # Weights made from the source (an expansion) are not the source's: they are written once instead.
         source = (ckpt.resolve(cfg.model.init_from)[0], from_step) if unchanged else None
-    meta = {**models.metadata(cfg.model), "frozen": _frozen_records(setup, workdir, frozen, source)}
-    if "expansion" in meta and source is None and cfg.model.init_from:
-        meta["expansion"]["expanded_from"] = str(ckpt.resolve(cfg.model.init_from)[0])
+        record_provenance(meta, cfg, unchanged)
+    meta["frozen"] = _frozen_records(setup, workdir, frozen, source)
     return 0, trainable, frozen, opt, None, meta
-
-
-def check_init_from(cfg: Config):
-    """How model.init_from becomes this run's weights: (its model section, True when it loads as it is, False
-    when a plain model is made into this variant). Raises CheckpointError on a mismatch, before anything is
-    written."""
-    path = cfg.model.init_from
-    src_cfg = model_config_of(path, cfg.model)
-    src_name, name = variants.name_of(src_cfg), variants.name_of(cfg.model)
-    if src_name == name:
-        have, want = _variant_key(src_cfg), _variant_key(cfg.model)
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        if diff:
-            raise ckpt.CheckpointError(f"model.init_from={path} was built with {name} {diff[0]}={have.get(diff[0])!r}"
-                                       f"; this config's expand:/model.variant says {want.get(diff[0])!r}")
-        return src_cfg, True
-    if src_name != variants.PLAIN or not variants.needs_base(cfg.model):
-        raise ckpt.CheckpointError(f"model.init_from={path} holds a {src_name} model; this config builds a "
-                                   f"{name} one")
-    return src_cfg, False
-
-
-def _params_from_init(setup: Setup, fresh: dict, log) -> tuple[dict, int, bool]:
-    """(params, source step, loaded unchanged) from model.init_from: the same network loads as it is; a plain
-    one is made into this run's variant (Control-LLM expansion at init) by the variant's `from_base`."""
-    cfg, path = setup.cfg, setup.cfg.model.init_from
-    src_cfg, same = check_init_from(cfg)
-    if same:
-        params, step = ckpt.load_params(path, setup.abstract_params, setup.params_sh)
-        log(f"initialised params from {path} (step {step})")
-        return params, step, True
-    runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
-    base_cfg = dataclasses.replace(src_cfg, init_from=None, **runtime)
-    base_like = models.abstract(base_cfg)[1]
-    base_sh = shard_rules.param_shardings(base_like, setup.mesh, sharding_rules(cfg))
-    base, step = ckpt.load_params(path, base_like, base_sh)
-    try:
-        params = variants.from_base(cfg.model, base_cfg, base, fresh)
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"model.init_from={path}: {e}") from None
-    params = jax.device_put(params, setup.params_sh)
-    log(f"initialised params from {path} (step {step}), made into model.variant "
-        f"{variants.name_of(cfg.model)}")
-    return params, step, False
-
-
-def _variant_key(model_cfg) -> dict:
-    """A variant's options that define the network (provenance such as expanded_from left out)."""
-    return {k: v for k, v in sorted(variants.options_of(model_cfg).items()) if k != "expanded_from"}
 
 
 def _log_frozen(setup: Setup, log) -> None:
@@ -319,12 +268,9 @@ def _run_eval(setup: Setup, eval_fn, trainable, frozen, evals) -> dict:
 
 
 def write_eval_gates(workdir: pathlib.Path, step: int, row: dict) -> None:
-    """<run>/evaluation_results.json: the last eval's per-site gates (`eval_avg_interp_weights`, keyed by block
-    index), which `convert merge-back` uses as each site's interpolation weight."""
-    gates = {k.split("/")[1][4:]: v for k, v in row.items() if k.startswith("eval/site") and k.endswith("/gate")}
-    if gates:
-        (workdir / "evaluation_results.json").write_text(json.dumps(
-            {"step": step, "eval_loss": row["eval/loss"], "eval_avg_interp_weights": gates}, indent=1))
+    """The training eval's per-site gates into <run>/evaluation_results.json (`convert merge-back` reads them)."""
+    gates = {block_of(k[5:]): v for k, v in row.items() if k.startswith("eval/site") and k.endswith("/gate")}
+    write_results(workdir, step, gates, eval_loss=row["eval/loss"])
 
 
 def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True,

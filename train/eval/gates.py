@@ -40,13 +40,36 @@ def site_gates(model, tokenizer, texts: Sequence[str], max_len: int, batch_size:
         for k, v in jax.device_get(fn(params, jnp.asarray(ids))).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         batches += 1
-    return {k.split("/")[0][4:]: v / batches for k, v in sums.items()}
+    return {block_of(k): v / batches for k, v in sums.items()}
+
+
+RESULTS = "evaluation_results.json"
+
+
+def block_of(key: str) -> str:
+    """"site5/gate" (a diagnostics key) -> "5" (the block index)."""
+    return key.split("/")[0].removeprefix("site")
+
+
+def write_results(run_dir: pathlib.Path, step: int, gates: dict[str, float], **extra) -> None:
+    """<run>/evaluation_results.json: the latest eval's per-site gates (the one writer; the last eval wins)."""
+    if gates:
+        (pathlib.Path(run_dir) / RESULTS).write_text(json.dumps(
+            {"step": step, **extra, "eval_avg_interp_weights": gates}, indent=1))
+
+
+def gates_of(run_dir: pathlib.Path) -> dict | None:
+    """{"step": the evaluated step, "gates": {block index: a}} from <run>/evaluation_results.json, or None."""
+    path = pathlib.Path(run_dir) / RESULTS
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return {"step": raw.get("step"), "gates": {int(k): float(v) for k, v in
+                                               raw.get("eval_avg_interp_weights", {}).items()}}
 
 
 def record(summary: dict, run_dir: pathlib.Path, gates: dict[str, float]) -> None:
-    """Put the gates into the summary and <run>/evaluation_results.json (the latest eval wins)."""
-    if not gates:
-        return
-    summary["eval_avg_interp_weights"] = gates
-    (pathlib.Path(run_dir) / "evaluation_results.json").write_text(json.dumps(
-        {"step": summary.get("step"), "task": summary.get("task"), "eval_avg_interp_weights": gates}, indent=1))
+    """Put the gates into a `mathlm eval` summary and <run>/evaluation_results.json."""
+    if gates:
+        summary["eval_avg_interp_weights"] = gates
+        write_results(run_dir, summary.get("step"), gates, task=summary.get("task"))
