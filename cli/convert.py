@@ -36,9 +36,16 @@ def to_hf(
                                                                          "size")] = "5GB",
     atol: Annotated[float, typer.Option("--atol", help="--verify: largest allowed |logit difference| "
                                                        "(float32)")] = 1e-4,
+    peft: Annotated[bool, typer.Option("--peft", help="a LoRA run: write the adapter alone in PEFT format "
+                                                      "(without it: the merged model)")] = False,
 ):
-    """Export a causal mathlm model as LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), float32."""
+    """Export a causal mathlm model as LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), float32. A LoRA run
+    exports merged (W + s·A·B), or with --peft its adapter alone; a stack expansion as a plain Llama."""
     with one_line_errors():
+        if peft:
+            from mathlm.train.convert import to_peft
+            to_peft(run, out_dir, log=_log)
+            return
         from mathlm.train.convert import parse_size
         from mathlm.train.convert import to_hf as export
         if verify:

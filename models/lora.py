@@ -141,4 +141,31 @@ def _from_base(cfg: ModelConfig, options: dict, base: dict, fresh: dict) -> dict
     return _insert_base(base, fresh)
 
 
-register(VariantSpec(NAME, _build, _trainable, from_base=_from_base))
+def peft_tensors(cfg: ModelConfig, params: dict, opts: LoraOptions) -> dict:
+    """The adapter alone in PEFT's layout: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+    (r, d_in) and ...lora_B.weight (d_out, r), float32."""
+    import numpy as np
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    out = {}
+    for i in range(cfg.n_layers):
+        for part in ("attn", "mlp"):
+            for name, leaf in params["blocks"][i][part].items():
+                if isinstance(leaf, dict) and "lora_a" in leaf:
+                    key = f"base_model.model.model.layers.{i}.{names[name]}"
+                    out[f"{key}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_a"], np.float32).T)
+                    out[f"{key}.lora_B.weight"] = np.ascontiguousarray(np.asarray(leaf["lora_b"], np.float32).T)
+    return out
+
+
+def peft_config(opts: LoraOptions) -> dict:
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+             "down": "down_proj"}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": opts.r, "lora_alpha": opts.alpha,
+            "lora_dropout": opts.dropout, "use_rslora": opts.rslora, "bias": "none",
+            "target_modules": [names[t] for t in opts.targets]}
+
+
+register(VariantSpec(NAME, _build, _trainable, from_base=_from_base,
+                     plain_form=lambda cfg, options: dataclasses.replace(cfg, variant=None),
+                     plain_params=lambda options, params: merge_params(params, LoraOptions.parse(options))))

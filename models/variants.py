@@ -36,6 +36,8 @@ class VariantSpec:
     # (cfg, options) -> the plain ModelConfig whose weights are exactly this variant's (a stack expansion is a
     # plain model with N + k layers); raises ValueError when there is none. None: the variant has no plain form.
     plain_form: Callable[[ModelConfig, dict], ModelConfig] | None = None
+    # (options, params) -> the plain form's params (LoRA: adapters merged); None: the params as they are
+    plain_params: Callable[[dict, dict], dict] | None = None
     # options -> the ones that define the network's weights (a checkpoint loads into a config that agrees on
     # these; the rest, e.g. a loss weight, may change between runs). None: all of them.
     structure: Callable[[dict], dict] | None = None
@@ -140,6 +142,12 @@ def plain_form(model_cfg: ModelConfig) -> ModelConfig:
     if spec.plain_form is None:
         raise ValueError(f"a {spec.name!r} model has no plain form")
     return spec.plain_form(model_cfg, options)
+
+
+def plain_params(model_cfg: ModelConfig, params: dict) -> dict:
+    """This model's params in its plain form's layout (see plain_form)."""
+    spec, options = _split(model_cfg)
+    return spec.plain_params(options, params) if spec.plain_params else params
 
 
 def from_base(model_cfg: ModelConfig, base_cfg: ModelConfig, base_params: dict, fresh_params: dict) -> dict:

@@ -1,6 +1,7 @@
 """LoRA adapters (models/lora.py, the `lora` model variant): forward formula, exact base at init and when disabled,
 merge, initialisation, trainable leaves, and a short training run from a plain checkpoint."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -123,14 +124,60 @@ def _yaml(options):
     return ", ".join(f"{k}: {v}" for k, v in options.items()).replace("'", "")
 
 
-def test_training_from_a_plain_run_moves_only_the_adapters(corpus, tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(corpus, tiny_run, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("lora") / "run"
     cfg = load_config(None, tiny_overrides(corpus, "model.max_seq_len=256", f"model.init_from={tiny_run}",
-                                           "model.variant={name: lora, r: 4}", "train.steps=2"))
-    train(cfg, tmp_path / "run", show_progress=False)
-    params, base = final_params(tmp_path / "run", cfg), jax.device_get(
+                                           "model.variant={name: lora, r: 4, alpha: 8}", "train.steps=2"))
+    train(cfg, wd, show_progress=False)
+    return wd, cfg
+
+
+def test_training_from_a_plain_run_moves_only_the_adapters(tiny_run, lora_run):
+    wd, cfg = lora_run
+    params, base = final_params(wd, cfg), jax.device_get(
         nnx.to_pure_dict(nnx.state(load_run(tiny_run).model, nnx.Param)))
     trained = dict(_paths(jax.device_get(params)))
     for path, w in _paths(base):
         np.testing.assert_array_equal(trained[path], w, err_msg=path)  # the base is frozen
     moved = [p for p, w in trained.items() if p.endswith("lora_b") and np.abs(w).max() > 0]
     assert len(moved) == 2 * 7  # every adapter's B left zero
+
+
+def test_merged_export_verifies_and_peft_export_holds_the_delta(tiny_run, lora_run, tmp_path):
+    from safetensors.numpy import load_file
+    from typer.testing import CliRunner
+
+    from mathlm.cli.main import app
+    wd, _ = lora_run
+    runner = CliRunner()
+    outputs = []
+    for args in (["convert", "to-hf", str(wd), str(tmp_path / "merged"), "--verify"],
+                 ["convert", "to-hf", str(tiny_run), str(tmp_path / "base")],
+                 ["convert", "to-hf", str(wd), str(tmp_path / "peft"), "--peft"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert "OK" in outputs[0]  # the merged model against transformers, 1e-4
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
+    assert cfg["lora_alpha"] == 8 and cfg["use_rslora"] is False and "down_proj" in cfg["target_modules"]
+    adapter = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    merged, base = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(
+        str(tmp_path / "base" / "model.safetensors"))
+    for i in range(2):
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            a = adapter[f"base_model.model.model.layers.{i}.{name}.lora_A.weight"]
+            b = adapter[f"base_model.model.model.layers.{i}.{name}.lora_B.weight"]
+            w = base[f"model.layers.{i}.{name}.weight"]
+            assert a.shape == (4, w.shape[1]) and b.shape == (w.shape[0], 4)
+            np.testing.assert_allclose(merged[f"model.layers.{i}.{name}.weight"], w + 2.0 * b @ a, atol=1e-6)
+
+
+def test_peft_export_of_a_plain_run_is_refused(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mathlm.cli.main import app
+    result = CliRunner().invoke(app, ["convert", "to-hf", str(tiny_run), str(tmp_path / "out"), "--peft"])
+    assert result.exit_code != 0 and "--peft exports LoRA adapters" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -164,8 +164,8 @@ def to_hf(run_path: str | pathlib.Path, out_dir: str | pathlib.Path, max_shard_b
         raise ConvertError(f"{run_path}: {e}") from None
     run = load_run(run_path)
     cfg, tok = variants.plain_form(run.cfg.model), run.tokenizer
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in
-            ckpt.flatten(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))).items()}
+    params = variants.plain_params(run.cfg.model, jax.device_get(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))))
+    flat = {k: np.asarray(v) for k, v in ckpt.flatten(params).items()}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_map.params_to_hf(cfg, flat)
@@ -179,6 +179,28 @@ def to_hf(run_path: str | pathlib.Path, out_dir: str | pathlib.Path, max_shard_b
                                                      "pad_token_id": tok.pad_id})
     log(f"exported step {run.step} of {run.run_dir} as {hf_cfg['architectures'][0]} "
         f"({sum(w.size for w in tensors.values()):,} params in {len(files)} file(s)) to {out}")
+    return out
+
+
+def to_peft(run_path: str | pathlib.Path, out_dir: str | pathlib.Path,
+            log: Callable[[str], None] = lambda m: None) -> pathlib.Path:
+    """Write a LoRA run's adapter alone in PEFT format: adapter_model.safetensors + adapter_config.json (the base
+    model it applies to is the run's `model.init_from`, exported with `convert to-hf` of that run)."""
+    from mathlm.models import lora
+    run = load_run(run_path, overrides=("model.dtype=float32",))
+    if variants.name_of(run.cfg.model) != lora.NAME:
+        raise ConvertError(f"{run_path}: --peft exports LoRA adapters; this run is a "
+                           f"{variants.name_of(run.cfg.model)} model")
+    opts = lora.LoraOptions.parse(variants.options_of(run.cfg.model))
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(run.model, nnx.Param)))
+    tensors = lora.peft_tensors(run.cfg.model, params, opts)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "adapter_config.json", {**lora.peft_config(opts),
+                                              "base_model_name_or_path": run.cfg.model.init_from})
+    log(f"exported the LoRA adapter of step {run.step} ({len(tensors) // 2} modules, "
+        f"{sum(t.size for t in tensors.values()):,} params) in PEFT format to {out}")
     return out
 
 
