@@ -22,7 +22,7 @@ from flax import nnx
 
 from mathlm.models import merges
 from mathlm.models.transformer import Block, ModelConfig, RMSNorm, Transformer
-from mathlm.models.variants import VariantSpec, register
+from mathlm.models.variants import VariantSpec, check_keys, register
 
 NAME = "expand"
 TYPES = ("concat", "stack", "hybrid")
@@ -49,10 +49,10 @@ class ExpandOptions:
 
     @classmethod
     def parse(cls, options: dict) -> ExpandOptions:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ExpandError(f"expand: unknown key {unknown[0]!r}; keys are {', '.join(sorted(names))}")
+        try:
+            check_keys(cls, options, "expand")
+        except ValueError as e:
+            raise ExpandError(str(e)) from None
         return cls(**options)
 
     def validate(self, cfg: ModelConfig) -> None:

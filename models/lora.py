@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mathlm.models.transformer import ModelConfig, Transformer
-from mathlm.models.variants import VariantSpec, register
+from mathlm.models.variants import VariantSpec, check_keys, register
 
 NAME = "lora"
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -35,10 +35,7 @@ class LoraOptions:
 
     @classmethod
     def parse(cls, options: dict) -> LoraOptions:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ValueError(f"model.variant lora: unknown key {unknown[0]!r}; keys are {', '.join(sorted(names))}")
+        check_keys(cls, options, "model.variant lora")
         opts = dict(options)
         if "targets" in opts:
             opts["targets"] = tuple(opts["targets"])

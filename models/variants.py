@@ -70,6 +70,14 @@ def _split(model_cfg: ModelConfig) -> tuple[VariantSpec, dict]:
     return VARIANTS[name], variant
 
 
+def check_keys(section: type, options: dict, where: str) -> None:
+    """A variant's options against its dataclass: an unknown key is a one-line ValueError naming the known ones."""
+    names = {f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; keys are {', '.join(sorted(names))}")
+
+
 def validate(model_cfg: ModelConfig) -> None:
     _split(model_cfg)
 
