@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mathlm.models.transformer import ModelConfig, Transformer
@@ -141,7 +142,6 @@ def _from_base(cfg: ModelConfig, options: dict, base: dict, fresh: dict) -> dict
 def peft_tensors(cfg: ModelConfig, params: dict, opts: LoraOptions) -> dict:
     """The adapter alone in PEFT's layout: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
     (r, d_in) and ...lora_B.weight (d_out, r), float32."""
-    import numpy as np
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     out = {}

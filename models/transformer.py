@@ -224,15 +224,21 @@ class Attention(nnx.Module):
         # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the residual stream does not grow with depth.
         self.o = lin(cfg.n_heads * dh, d, 0.02 / math.sqrt(2 * cfg.n_layers))
 
+    def _rotated_qk(self, x, positions):
+        """q (B, T, H, Dh) and k (B, T, K, Dh), RoPE applied."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        inv_freq = rope_frequencies(cfg)
+        q = rope(self.q(x).reshape(b, t, cfg.n_heads, cfg.head_dim), positions, inv_freq)
+        return q, rope(self.k(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
+
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         """With `kv_cache` = (k, v) of shape (B, S, K, Dh), this call's keys/values are written at slot `index`
         and the queries attend over the whole cache (under `mask`); returns (out, new kv_cache)."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv, g, dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-        inv_freq = rope_frequencies(cfg)
-        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, inv_freq)
-        k = rope(self.k(x).reshape(b, t, kv, dh), positions, inv_freq)
+        q, k = self._rotated_qk(x, positions)
         v = self.v(x).reshape(b, t, kv, dh)
         if kv_cache is not None:
             k = lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, index, 0, 0))
@@ -253,11 +259,8 @@ class Attention(nnx.Module):
         """The attention probabilities (B, H, T, S) in float32, for losses that compare them (Control-LLM's
         `attention` divergence); recomputes q and k rather than changing what the fused paths return."""
         cfg = self.cfg
-        b, t, _ = x.shape
         g, dh = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-        inv_freq = rope_frequencies(cfg)
-        q = rope(self.q(x).reshape(b, t, cfg.n_heads, dh), positions, inv_freq)
-        k = rope(self.k(x).reshape(b, t, cfg.n_kv_heads, dh), positions, inv_freq)
+        q, k = self._rotated_qk(x, positions)
         k = jnp.repeat(k, g, axis=2)  # head h uses kv head h // g, as in _attend
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(dh)
         logits = jnp.where(mask[:, 0], logits, jnp.finfo(jnp.float32).min)

@@ -26,6 +26,7 @@ from mathlm.models.expand import ExpandError, ExpandOptions
 from mathlm.train.config import load_config
 from mathlm.train.eval.gates import gates_of
 from mathlm.train.runs import load_run, save_params_run
+from mathlm.train.state import n_params
 
 
 class ExpansionError(ValueError):
@@ -56,7 +57,7 @@ def expand_run(run_path: str, out_dir: str | pathlib.Path, opts: ExpandOptions,
     cfg = dataclasses.replace(run.cfg, model=model_cfg, expand=None)
     out = save_params_run(out_dir, cfg, params, run.run_dir / "tokenizer.json")
     block = models.metadata(model_cfg)["expansion"]
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n = n_params(params)
     log(f"expanded {run.run_dir} (step {run.step}): {opts.type}, k={opts.num_layers}, depth "
         f"{block['num_ori_layers']} -> {block['depth']}, sites {block['sites']}, inserted after "
         f"{block['inserted_after']}; {n:,} params -> {out}")

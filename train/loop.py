@@ -25,7 +25,7 @@ from mathlm.train.init_from import check_init_from, params_from_init, record_pro
 from mathlm.train.objectives import sft_pad_is_eos
 from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant
 from mathlm.train.runtime import flops_6nd
-from mathlm.train.state import FrozenSourceError, combine, source_record
+from mathlm.train.state import FrozenSourceError, combine, n_params, source_record
 from mathlm.train.trainer import (
     Setup,
     TrainingError,
@@ -161,9 +161,9 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
 
 
 def _log_frozen(setup: Setup, log) -> None:
-    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_frozen["model"]))
+    n_frozen = n_params(setup.abstract_frozen["model"])
     if n_frozen:
-        n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_params))
+        n_all = n_params(setup.abstract_params)
         log(f"frozen: {n_frozen:,} of {n_all:,} params (no gradients, no optimizer state)")
     for name in setup.spec.frozen_sets:
         log(f"frozen set '{name}': a copy of the initial model")
@@ -296,8 +296,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     tokenizer, src, evals = _data(cfg, workdir, lead, log)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_params))
-    log(f"model: {n_params:,} params; mesh {dict(setup.mesh.shape)}; "
+    total = n_params(setup.abstract_params)
+    log(f"model: {total:,} params; mesh {dict(setup.mesh.shape)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
     _log_frozen(setup, log)
 

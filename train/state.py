@@ -11,6 +11,7 @@ checks the hash first (`FrozenSourceError` when the source changed or is gone).
 from __future__ import annotations
 
 import hashlib
+import math
 import pathlib
 from collections.abc import Callable
 
@@ -26,6 +27,11 @@ class CheckpointError(ValueError):
 
 class FrozenSourceError(CheckpointError):
     """A frozen weight set's source on disk is gone or no longer what the run was trained against."""
+
+
+def n_params(tree) -> int:
+    """Elements in a pytree of arrays or ShapeDtypeStructs."""
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def partition(params: dict, is_trainable: Callable[[str], bool] | None) -> tuple[dict, dict]:

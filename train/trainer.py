@@ -35,7 +35,7 @@ from mathlm.train.runtime import (
     maybe_initialize_distributed,
     network_flops_per_token,
 )
-from mathlm.train.state import combine, copy_tree, partition
+from mathlm.train.state import combine, copy_tree, n_params, partition
 
 
 class TrainingError(RuntimeError):
@@ -254,10 +254,6 @@ def model_flops_per_token(setup: Setup) -> float:
     return network_flops_per_token(cfg.model, cfg.train.seq_len, setup.abstract_params)
 
 
-def _n_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def compile_step(setup: Setup):
     """The step compiled ahead of time for the configured shapes (what the jit builds at the first call)."""
     return setup.step_fn.lower(setup.abstract_trainable, setup.abstract_frozen, setup.abstract_opt,
@@ -274,8 +270,8 @@ def dry_run(cfg: Config) -> dict:
     tokens = cfg.train.batch_size * cfg.train.seq_len
     out = {
         "devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
-        "params": _n_params(setup.abstract_params), "params_trainable": _n_params(setup.abstract_trainable),
-        "params_non_embedding": _n_params(setup.abstract_params) - cfg.model.param_count()
+        "params": n_params(setup.abstract_params), "params_trainable": n_params(setup.abstract_trainable),
+        "params_non_embedding": n_params(setup.abstract_params) - cfg.model.param_count()
         + cfg.model.param_count(embeddings=False),
         "flops_per_step_model": model_flops_per_token(setup) * tokens,
         "flops_6nd_per_step": flops_6nd(cfg.model, tokens),
