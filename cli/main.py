@@ -8,6 +8,7 @@ from mathlm.cli import data as data_cmd
 from mathlm.cli import eval as eval_cmd
 from mathlm.cli import generate as generate_cmd
 from mathlm.cli import train as train_cmd
+from mathlm.cli import w2s as w2s_cmd
 
 app = typer.Typer(
     help="mathlm: train math language models with JAX, from a laptop CPU to TPU pods and GPU clusters.",
@@ -18,6 +19,7 @@ app.add_typer(eval_cmd.eval_app, name="eval")
 app.add_typer(convert_cmd.app, name="convert")
 app.add_typer(data_cmd.data_app, name="data")
 app.add_typer(data_cmd.tokenizer_app, name="tokenizer")
+app.add_typer(w2s_cmd.app, name="w2s")
 
 if __name__ == "__main__":
     app()

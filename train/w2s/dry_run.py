@@ -1,0 +1,47 @@
+"""`mathlm w2s run CONFIG --dry-run`: compile each kind of training step the recipe runs (the weak model's SFT,
+the strong model's LoRA SFT, DPO and ORPO) for its mesh, from the model shapes alone (no weights, no data)."""
+from __future__ import annotations
+
+import pathlib
+
+from mathlm.train.config import Config as TrainRunConfig
+from mathlm.train.config import ConfigError, _build, _resolve_defaults, validate
+from mathlm.train.w2s import models
+from mathlm.train.w2s.config import W2SConfig
+from mathlm.train.w2s.context import Ctx
+
+PLACEHOLDER = pathlib.Path("<dry-run: no weights>")
+
+
+def _shape(section, which: str) -> dict:
+    if section.model is not None:
+        return {"vocab_size": 1024, "max_seq_len": 512, **section.model, "init_from": None, "variant": None}
+    if section.run and (pathlib.Path(section.run) / "config.yaml").is_file():
+        return models.base_model_section(section.run)
+    raise ConfigError(f"{which}: --dry-run needs {which}.model (the network's shape) or an existing {which}.run")
+
+
+def _compile(raw: dict) -> dict:
+    from mathlm.train.trainer import dry_run
+    cfg = _resolve_defaults(_build(TrainRunConfig, raw, ""))
+    validate(cfg)
+    return dry_run(cfg)
+
+
+def dry_run(cfg: W2SConfig) -> dict[str, dict]:
+    ctx = Ctx(cfg, pathlib.Path("."))
+    lora = {"name": "lora", **cfg.lora}
+    out = {}
+    strong = _shape(cfg.strong, "strong")
+    s1 = cfg.stage1.sft
+    out["strong_sft_lora"] = _compile(ctx.run_config("strong", strong, PLACEHOLDER, "sft", s1, 1000, objective="sft",
+                                                     init_from=PLACEHOLDER, variant=lora))
+    for m in cfg.po.methods:
+        objective = {"name": "dpo", "beta": cfg.po.beta} if m == "dpo" else {"name": "orpo", "lam": cfg.po.lam}
+        out[f"strong_{m}_lora"] = _compile(ctx.run_config("strong", strong, PLACEHOLDER, "pref", cfg.po.train, 1000,
+                                                          objective=objective, init_from=PLACEHOLDER, variant=lora))
+    if cfg.weak.sft is not None:
+        weak = _shape(cfg.weak, "weak")
+        out["weak_sft"] = _compile(ctx.run_config("weak", weak, PLACEHOLDER, "sft", cfg.weak.sft, 1000,
+                                                  objective="sft", init_from=PLACEHOLDER))
+    return out
