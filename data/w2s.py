@@ -41,8 +41,9 @@ def canonical(answer: str) -> str:
     for expr in _REMOVED:
         s = s.replace(expr, "")
     s = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", r"$\3$", s)
-    for macro in ("text", "textbf", "overline", "boxed"):
+    for macro in ("text", "textbf", "overline"):
         s = re.sub(rf"(\\{macro}\{{)(.*?)(\}})", r"\2", s)
+    s = re.sub(r"(\\boxed\{)(.*)(\})", r"\2", s)  # greedy, as Minerva's: the box may hold braces
     s = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", s)
     s = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", s)
     s = s.replace("$", "").replace("\\%", "").replace("%", "").strip().rstrip(".")

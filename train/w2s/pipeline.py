@@ -174,9 +174,28 @@ def states(ctx: Ctx, units: list[Unit]) -> dict[str, str]:
     return {u.name: man.state(u.name, keys[u.name], u.inputs(ctx)) for u in units}
 
 
+def check_models(cfg: W2SConfig) -> None:
+    """Ready-made weak/strong runs must exist and be causal LMs (KV-cache generation, LoRA SFT), before anything
+    runs: one line otherwise."""
+    from mathlm.train.checkpoint import CheckpointError
+    from mathlm.train.config import load_config
+    from mathlm.train.runs import run_dir_of
+    for which in ("weak", "strong"):
+        section = getattr(cfg, which)
+        if section.run is None or section.pretrain is not None:
+            continue
+        folder = run_dir_of(section.run)
+        if not (folder / "checkpoints").is_dir():
+            raise CheckpointError(f"{which}.run={section.run}: no checkpoints/ in that run folder")
+        if load_config(folder / "config.yaml", migrate=True).model.kind != "arm":
+            raise CheckpointError(f"{which}.run={section.run} is a masked diffusion model; the recipe generates "
+                                  "with KV-cache decoding and needs a causal (autoregressive) model")
+
+
 def run(cfg: W2SConfig, workdir: pathlib.Path, chosen: list[Unit] | None = None, log=print,
         show_progress: bool = False) -> dict[str, str]:
     """Run the chosen units (default: all) in order; returns unit -> what happened (done / ran)."""
+    check_models(cfg)
     workdir = workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     save(cfg, workdir / "config.yaml")
