@@ -57,8 +57,16 @@ def run(config: ConfigArg, overrides: Overrides = None, workdir: Workdir = None,
         with one_line_errors():
             from mathlm.train.w2s.dry_run import dry_run as run_dry
             cfg, _ = _setup(config, overrides, workdir)
-            for name, report in run_dry(cfg).items():
-                typer.echo(f"{name}: {json.dumps(report)}")
+            from mathlm.cli.train import _human
+            reports = run_dry(cfg)
+            for name, r in reports.items():
+                temp = r.get("bytes_step_temp_per_device")
+                typer.echo(f"{name:18s} params {r['params']:,} ({r['params_trainable']:,} trainable) on mesh "
+                           f"{r['mesh']}; per device: params {_human(r['bytes_params_per_device'])}, optimizer "
+                           f"{_human(r['bytes_opt_state_per_device'])}"
+                           + (f", step temp {_human(temp)}" if temp is not None else "")
+                           + f"; {r['flops_per_step_model']:.3e} FLOPs/step")
+            typer.echo(json.dumps(reports))
         return
     _run_steps(config, overrides, workdir, progress, start=start, stop=stop)
 

@@ -166,7 +166,9 @@ def _pairs_for(weak: dict, v: Vote, rule: PairRule, rng: random.Random, numeric:
     if v.confidence >= rule.tau_flip:  # an empty weak answer always lands here
         first = rng.sample(v.pos, 1)[0]
         chosen = [first]
-        for p in v.pos:  # further positives, in sample order, with text unlike those already taken
+        # deviation: the reference compares a further positive's text with the first one only; we require it to
+        # differ from every positive taken, so the (up to 3) pairs are distinct.
+        for p in v.pos:  # further positives, in sample order
             if len(chosen) >= m:
                 break
             if p not in chosen:

@@ -67,6 +67,7 @@ def score(ctx: Ctx, name: str, samples: bool = False) -> dict:
     folder = ctx.workdir / "eval"
     if samples:
         k = ctx.cfg.eval.pass_k
+        # deviation: seeds 1000 + s (the reference's vLLM seeds are 0..9), apart from Stage II's stage2.seed + s
         items = [generation.Item(it.id, it.prompt, 1000 + s, (("sample", s),)) for s in range(k) for it in base]
         sampling = ctx.sampled(engine, [it.prompt for it in base], 1.0, 1.0)
         rows = ctx.generate(engine, items, sampling, folder / f"{name}_pass{k}.jsonl")

@@ -145,7 +145,9 @@ def _label_analysis(ctx: Ctx, weak: list[dict], icl: list[dict], kept: set[str])
 
 def sft_records(rows: list[dict]) -> list[dict]:
     """{prompt, response} training records: the prompt line ends at "Answer:"; the stored response is stripped,
-    so the separating space the model generates is put back (the response is what follows the prompt)."""
+    so the separating space the model generates is put back (the response is what follows the prompt).
+    deviation: LLaMA-Factory's `vanilla` template with Llama's SentencePiece needs no such space; our byte-level
+    BPE encodes it as part of the response (docs/w2s.md)."""
     return [{"prompt": x["prompt"], "response": " " + x["response"]} for x in rows]
 
 
