@@ -8,6 +8,8 @@ Every batch is a dict of int32/float32 arrays, each (B, L):
        A target that belongs to the next document is masked, so no loss crosses a document boundary.
 `sft`: one (prompt, response) example per row, padded; only response tokens (and the final eos) are trained.
        The padding token is the caller's choice: pad, or eos for masked diffusion SFT (SMDM pads with EOS).
+`pref`: one preference pair per element, every field (2, L): row 0 the chosen example, row 1 the rejected one,
+       each an `sft` row (prompt masked, response and its eos trained); batches are (B, 2, L).
 
 Order: windows are shuffled by seed (grain reshuffles every epoch); global batch k holds elements
 [k*B, (k+1)*B) of that order and process p reads only rows [p*B/P, (p+1)*B/P) of it, so any process count sees
@@ -68,30 +70,65 @@ class SFTRows:
         return self.store.n_docs
 
     def n_truncated(self) -> int:
-        return int(np.sum(np.diff(self.store.doc_offsets) > self.seq_len + 1))
+        return n_longer(self.store, self.seq_len)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        L = self.seq_len
-        ids, prompt_len = self.store.doc(int(i))
-        ids = ids[: L + 1]
-        n = len(ids)
-        row = np.full(L + 1, self.pad_id, np.int32)
-        row[:n] = ids
-        t = np.arange(1, L + 1)  # index of each target in the row
-        return {
-            "inputs": row[:-1],
-            "targets": row[1:],
-            "positions": np.arange(L, dtype=np.int32),
-            "segment_ids": (np.arange(L) < n).astype(np.int32),
-            "loss_mask": ((t >= prompt_len) & (t < n)).astype(np.float32),
-            "prompt_mask": (np.arange(L) < min(prompt_len, n)).astype(np.int32),
-        }
+        return sft_row(*self.store.doc(int(i)), self.seq_len, self.pad_id)
+
+
+def n_longer(store: TokenStore, seq_len: int) -> int:
+    """Documents that do not fit a row of seq_len + 1 tokens (truncated, or refused with data.truncate=false)."""
+    return int(np.sum(np.diff(store.doc_offsets) > seq_len + 1))
+
+
+def sft_row(ids: np.ndarray, prompt_len: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One document as a padded row of L = seq_len positions: its first prompt_len tokens are the prompt (out of
+    the loss), the rest (the response and its eos) are trained; positions past the document are padding."""
+    L = seq_len
+    ids = ids[: L + 1]
+    n = len(ids)
+    row = np.full(L + 1, pad_id, np.int32)
+    row[:n] = ids
+    t = np.arange(1, L + 1)  # index of each target in the row
+    return {
+        "inputs": row[:-1],
+        "targets": row[1:],
+        "positions": np.arange(L, dtype=np.int32),
+        "segment_ids": (np.arange(L) < n).astype(np.int32),
+        "loss_mask": ((t >= prompt_len) & (t < n)).astype(np.float32),
+        "prompt_mask": (np.arange(L) < min(prompt_len, n)).astype(np.int32),
+    }
+
+
+@dataclasses.dataclass
+class PairRows:
+    """One preference pair per element: every field stacked (2, L), row 0 chosen, row 1 rejected, each padded
+    like SFTRows. The store holds the two sides as documents 2i and 2i+1 (written with `pairs=True`)."""
+
+    store: TokenStore
+    seq_len: int
+    pad_id: int
+
+    def __post_init__(self):
+        if not self.store.meta.get("pairs"):
+            raise DataError(f"{self.store.url}: not a preference store (data.format=pref tokenizes JSONL records "
+                            "with prompt/chosen/rejected; give those files in data.train)")
+
+    def __len__(self) -> int:
+        return self.store.n_docs // 2
+
+    def n_truncated(self) -> int:
+        return n_longer(self.store, self.seq_len)  # sides, not pairs
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        rows = [sft_row(*self.store.doc(2 * int(i) + side), self.seq_len, self.pad_id) for side in (0, 1)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def make_source(store_url: str, fmt: str, seq_len: int, pad_id: int, truncate: bool = True):
     store = TokenStore(store_url)
-    if fmt == "sft":
-        src = SFTRows(store, seq_len, pad_id)
+    if fmt in ("sft", "pref"):
+        src = (SFTRows if fmt == "sft" else PairRows)(store, seq_len, pad_id)
         over = src.n_truncated()
         if over and not truncate:
             raise DataError(f"{store_url}: {over} examples are longer than seq_len+1={seq_len + 1} tokens "

@@ -2,6 +2,8 @@
 
 Every source yields `Example(prompt, response)`. Plain documents have an empty prompt; question/answer pairs use
 the zero-shot format our SFT trains and `mathlm eval` prompts with: "Question: …\nAnswer:" + " …".
+Preference data (`data.format: pref`) is JSONL (or hf:) records with `prompt`, `chosen` and `rejected`; each
+record yields two examples, (prompt, chosen) then (prompt, rejected), texts used verbatim (no chat template).
 
 The one home of two things every reader shares: `read_jsonl_records` (JSON objects, one a line, errors naming
 file:line; task files, exemplar files, saved completions and prompt files are read through it) and the
@@ -62,6 +64,19 @@ def _from_record(rec: dict, where: str) -> Example:
     if "prompt" in rec and "response" in rec:
         return Example(str(rec["prompt"]), str(rec["response"]))
     raise DataError(f"{where}: needs a 'text' field or 'question'/'answer' (or 'prompt'/'response') fields")
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _pair_from_record(rec: dict, where: str) -> tuple[Example, Example]:
+    """A preference record -> (prompt, chosen), (prompt, rejected); other fields (id, branch) are ignored."""
+    for key in PAIR_FIELDS:
+        if not isinstance(rec.get(key), str):
+            what = "has no" if key not in rec else "has a non-string"
+            raise DataError(f"{where}: a preference record needs string 'prompt', 'chosen' and 'rejected' fields; "
+                            f"this one {what} {key!r}")
+    return Example(rec["prompt"], rec["chosen"]), Example(rec["prompt"], rec["rejected"])
 
 
 def read_jsonl_records(path: str | pathlib.Path) -> Iterator[tuple[str, dict]]:
@@ -158,11 +173,27 @@ def read_hf(name: str) -> Iterator[Example]:
         yield _from_record(dict(rec), f"{name}[{i}]")
 
 
-def read_examples(paths: list[str]) -> Iterator[Example]:
-    """All examples of all files, in order. Raises DataError for missing, empty or malformed input."""
+def read_pairs(path: str) -> Iterator[Example]:
+    """A preference file (JSONL or hf:): chosen then rejected example of each record, in order."""
+    if path.startswith("hf:"):
+        records = ((f"{path}[{i}]", dict(rec)) for i, rec in enumerate(load_hf(path, default_split="train")))
+    elif path.endswith((".jsonl", ".json")):
+        records = read_jsonl_records(path)
+    else:
+        raise DataError(f"{path}: data.format=pref reads JSONL (or hf:) records with prompt/chosen/rejected")
+    for where, rec in records:
+        yield from _pair_from_record(rec, where)
+
+
+def read_examples(paths: list[str], fmt: str = "lm") -> Iterator[Example]:
+    """All examples of all files, in order (`fmt` = data.format: "pref" reads preference pairs, two examples per
+    record; the others read text, question/answer or prompt/response records). Raises DataError for missing,
+    empty or malformed input."""
     for path in expand(paths):
         n = 0
-        if path.startswith("hf:"):
+        if fmt == "pref":
+            reader = read_pairs(path)
+        elif path.startswith("hf:"):
             reader = read_hf(path)
         elif path.endswith((".jsonl", ".json")):
             reader = read_jsonl(path)

@@ -4,7 +4,8 @@ Layout under a local path or any tensorstore URL (gs://, s3://, ...):
   tokens/       int32  [n_tokens]     every document as <bos> prompt response <eos>, concatenated
   doc_offsets/  int64  [n_docs + 1]   token offset of each document start (last entry = n_tokens)
   prompt_lens/  int32  [n_docs]       tokens of each document that belong to the prompt (0 for plain text)
-  meta.json                           counts and the tokenizer fingerprint
+  meta.json                           counts and the tokenizer fingerprint; `"pairs": true` for a preference
+                                      store (documents 2i, 2i+1 = the chosen and rejected side of pair i)
 Readers fetch token slices lazily, so a process touches only the windows it trains on.
 """
 from __future__ import annotations
@@ -46,8 +47,9 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.hf.to_str().encode()).hexdigest()[:16]
 
 
-def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: int = 4096) -> dict:
-    """Tokenize examples and write the store; returns its meta dict."""
+def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: int = 4096, pairs: bool = False) -> dict:
+    """Tokenize examples and write the store; returns its meta dict. `pairs`: the examples are preference pairs,
+    chosen then rejected (data.format=pref), recorded in the meta so that a pair reader can check it."""
     tokens: list[np.ndarray] = []
     lengths: list[int] = []
     prompt_lens: list[int] = []
@@ -86,6 +88,10 @@ def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: in
         _open(url, sub, create=True, dtype=ts.dtype(arr.dtype.name), shape=arr.shape).write(arr).result()
     meta = {"n_tokens": int(all_tokens.size), "n_docs": len(lengths), "tokenizer": tokenizer_fingerprint(tok),
             "vocab_size": tok.vocab_size, "format": "mathlm-tokens-v1"}
+    if pairs:
+        if len(lengths) % 2:
+            raise DataError("preference pairs: an odd number of documents")
+        meta["pairs"] = True
     meta_store = ts.KvStore.open(_kvstore(url, "").rstrip("/") + "/").result()
     meta_store.write("meta.json", json.dumps(meta, indent=1).encode()).result()
     return meta

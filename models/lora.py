@@ -10,6 +10,7 @@ Defaults r = 8, alpha = 16 (LLaMA-Factory's alpha = 2r; peft's own default alpha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -97,6 +98,23 @@ class LoraTransformer(Transformer):
                 for name in TARGETS:
                     if name in opts.targets and hasattr(parent, name):
                         setattr(parent, name, LoraLinear(getattr(parent, name), opts, rngs))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nnx.Module):
+    """Every LoraLinear of `model` computes its base alone while the block runs (`enabled` restored after): the
+    exact base the adapters sit on, e.g. DPO's reference. ValueError when the model has no adapters."""
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to disable")
+    saved = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, saved):
+            layer.enabled = enabled
 
 
 def base_params(params: dict) -> dict:

@@ -241,5 +241,5 @@ def test_old_flat_objective_keys_name_their_new_key():
     assert (cfg.train.objective.eps, cfg.train.objective.ssl_ratio) == (0.25, 0.01)
     with pytest.raises(ConfigError, match=r"unknown config key 'train.objective.ssl_ration' \(did you mean"):
         load_config(None, ["model.causal=false", "train.objective.ssl_ration=0.5"])
-    with pytest.raises(ConfigError, match="unknown objective 'dpo'"):
-        load_config(None, ["train.objective=dpo"])
+    with pytest.raises(ConfigError, match="unknown objective 'ppo'"):
+        load_config(None, ["train.objective=ppo"])

@@ -19,6 +19,8 @@ from mathlm.models.expand import ExpandOptions
 from mathlm.models.transformer import ModelConfig
 from mathlm.train import objectives
 
+FORMATS = ("lm", "sft", "pref")  # data.format (see DataConfig.format)
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the CLI prints it as one line."""
@@ -30,7 +32,9 @@ class DataConfig:
     train: list[str] = dataclasses.field(default_factory=lambda: ["synth"])
     # Held-out data for periodic eval; None = the synthetic validation split when train is "synth", else no eval.
     validation: list[str] | None = None
-    format: str = "lm"  # "lm": packed documents; "sft": (prompt, response) pairs with the prompt masked out
+    # "lm": packed documents; "sft": (prompt, response) pairs with the prompt masked out; "pref": preference pairs
+    # (JSONL prompt/chosen/rejected) for dpo/orpo, each side an sft row
+    format: str = "lm"
     tokenizer: str | None = None  # tokenizer.json; None trains one on the training data (saved in the workdir)
     synth_n: int = 20000  # problems in the built-in corpus
     synth_seed: int = 0
@@ -277,8 +281,8 @@ def _objective_section(cfg: Config, moved: dict):
         raise ConfigError(f"train.objective: expected a name or a mapping with a name, got {raw!r}")
     raw = dict(raw)
     name = raw.setdefault("name", objectives.AUTO)
-    if cfg.data.format not in ("lm", "sft"):  # before `auto` reads it
-        raise ConfigError(f"data.format must be 'lm' or 'sft', got {cfg.data.format!r}")
+    if cfg.data.format not in FORMATS:  # before `auto` reads it
+        raise ConfigError(f"data.format must be {' or '.join(map(repr, FORMATS))}, got {cfg.data.format!r}")
     try:
         if name == objectives.AUTO:
             name = raw["name"] = objectives.auto_name(cfg.model.kind, cfg.data.format)
@@ -339,7 +343,7 @@ def validate(cfg: Config) -> None:
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
-        (cfg.data.format in ("lm", "sft"), f"data.format must be 'lm' or 'sft', got {cfg.data.format!r}"),
+        (cfg.data.format in FORMATS, f"data.format must be {' or '.join(map(repr, FORMATS))}, got {cfg.data.format!r}"),
         (cfg.mesh.distributed in ("auto", "on", "off"), "mesh.distributed must be auto, on or off"),
         (not cfg.data.train == [], "data.train is empty"),
     ]

@@ -1,7 +1,8 @@
 """From `data:` config to tokenized stores in the workdir: synthetic corpus, tokenizer, `data prepare`.
 
 The tokenizer is data.tokenizer, else the workdir's, else the `model.init_from` run's, else one trained on the
-training data. Stores are cached under workdir/data/tokens/, keyed by format, tokenizer and file mtimes. Process 0
+training data. Stores are cached under workdir/data/tokens/, keyed by data.format (a `pref` store holds each pair's
+two sides as consecutive documents), tokenizer and file mtimes. Process 0
 does the writing; the others wait at a barrier, then every process opens the same stores.
 """
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _store_for(paths: list[str], fmt: str, tok: Tokenizer, cache: pathlib.Path, 
         log(f"tokenizing {len(files)} file(s) -> {url}")
         if url.exists():
             shutil.rmtree(url)
-        meta = write_store(str(url), read_examples(files), tok)
+        meta = write_store(str(url), read_examples(files, fmt), tok, pairs=fmt == "pref")
         log(f"  {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
     _barrier(f"store-{sig}")
     return str(url)
@@ -105,7 +106,7 @@ def prepare_run_data(cfg: Config, workdir: pathlib.Path, log=print) -> RunData:
     if tok_path is None:
         if jax.process_index() == 0:
             log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on the training data")
-            texts = (ex.text for ex in itertools.islice(read_examples(train), TOKENIZER_SAMPLE))
+            texts = (ex.text for ex in itertools.islice(read_examples(train, cfg.data.format), TOKENIZER_SAMPLE))
             train_tokenizer(texts, cfg.model.vocab_size).save(workdir / "tokenizer.json")
         _barrier("tokenizer")
         tok_path = workdir / "tokenizer.json"

@@ -87,7 +87,7 @@ def _restore_frozen(setup: Setup, meta: dict, where: str, workdir: pathlib.Path)
     records = meta.get("frozen") or {"model": None, "sets": {}}
     wants = [("model", records.get("model"), setup.abstract_frozen["model"], setup.frozen_sh["model"])]
     wants += [(n, records.get("sets", {}).get(n), setup.abstract_frozen["sets"][n], setup.frozen_sh["sets"][n])
-              for n in setup.spec.frozen_sets]
+              for n in setup.frozen_sets]
     out = {"model": {}, "sets": {}}
     for name, rec, like, sh in wants:
         if not jax.tree.leaves(like):
@@ -107,9 +107,9 @@ def _restore_legacy_frozen(setup: Setup, checkpointer, step: int, where: str, wo
     """A checkpoint from before the split holds the frozen weights itself; they are written once under frozen/
     (the old checkpoint will rotate away) and recorded there."""
     like, sh = setup.abstract_frozen["model"], setup.frozen_sh["model"]
-    if setup.spec.frozen_sets:
+    if setup.frozen_sets:
         raise FrozenSourceError(f"{where}: written before frozen sets existed; the objective "
-                                f"{setup.spec.name} needs {', '.join(setup.spec.frozen_sets)}: start a new run")
+                                f"{setup.spec.name} needs {', '.join(setup.frozen_sets)}: start a new run")
     frozen = {"model": {}, "sets": {}}
     if jax.tree.leaves(like):
         frozen["model"] = ckpt.restore_tree(checkpointer.directory, step, like, sh, where)
@@ -165,7 +165,7 @@ def _log_frozen(setup: Setup, log) -> None:
     if n_frozen:
         n_all = n_params(setup.abstract_params)
         log(f"frozen: {n_frozen:,} of {n_all:,} params (no gradients, no optimizer state)")
-    for name in setup.spec.frozen_sets:
+    for name in setup.frozen_sets:
         log(f"frozen set '{name}': a copy of the initial model")
 
 
@@ -236,12 +236,25 @@ class _Metrics:
         row.update(self.setup.spec.summarize(m))
         # C = 6·N·D (N non-embedding params, D tokens seen, padding and SSL-cropped positions included: the
         # compute axis of the SMDM/Chinchilla IsoFLOP curves); from the step count, so it survives a resume.
-        row["tokens_seen"] = float(step) * t.batch_size * t.seq_len
+        per_step = t.batch_size * self.setup.spec.rows_per_example * t.seq_len  # a pair is 2 rows
+        row["tokens_seen"] = float(step) * per_step
         row["flops_6nd"] = flops_6nd(cfg.model, row["tokens_seen"])
-        row.update(self.meter.interval(len(fetched) * t.batch_size * t.seq_len))
+        row.update(self.meter.interval(len(fetched) * per_step))
         row["loss_tokens"] = sum(float(x["tokens"]) for x in fetched)
         self.pending = []
         return row
+
+
+def _check_start(setup: Setup, metrics) -> None:
+    """The first step of a fresh run against the objective's start_loss (DPO: log 2, since policy = reference)."""
+    want = setup.spec.start_loss
+    if want is None:
+        return
+    have = float(jax.device_get(metrics["loss"]))
+    if not abs(have - want) <= 1e-4:
+        raise TrainingError(f"step-0 {setup.spec.name} loss is {have:.6f}, not {want:.6f}: the policy does not "
+                            "start as its reference (with LoRA adapters as the reference, model.init_from must be "
+                            "a plain or merged run, not a trained adapter)")
 
 
 def _check_fields(setup: Setup, batch: dict) -> None:
@@ -321,6 +334,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
                 if step == start:
                     _check_fields(setup, local)
                 trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, local))
+                if step == 0:  # the step's loss is the one before its update: the initial model's
+                    _check_start(setup, m)
                 step += 1
                 metrics.add(step, m)
                 if step % t.log_every == 0 or step == t.steps:

@@ -53,6 +53,7 @@ class Setup:
     abstract_params: dict  # the whole model
     abstract_trainable: dict
     abstract_frozen: dict  # {"model": frozen weights of the model, "sets": {name: parameter set}}
+    frozen_sets: tuple[str, ...]  # the objective's frozen sets for this config (objectives.frozen_sets_of)
     abstract_opt: dict
     params_sh: object
     trainable_sh: object
@@ -70,7 +71,7 @@ class Setup:
     def frozen_from(self, params: dict, frozen_model: dict) -> dict:
         """The step's frozen argument: the model's frozen weights plus each set the objective asked for, which
         starts as a copy of the initial model (a reference policy)."""
-        return {"model": frozen_model, "sets": {name: copy_tree(params) for name in self.spec.frozen_sets}}
+        return {"model": frozen_model, "sets": {name: copy_tree(params) for name in self.frozen_sets}}
 
 
 def sharding_rules(cfg: Config):
@@ -78,7 +79,9 @@ def sharding_rules(cfg: Config):
 
 
 def batch_spec(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
-    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    """The step's batch: (B, L) arrays, or (B, R, L) for an objective with R rows per example (a pair)."""
+    rows = objectives.spec_of(cfg).rows_per_example
+    shape = (cfg.train.batch_size, *((rows,) if rows > 1 else ()), cfg.train.seq_len)
     return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
             "positions": jax.ShapeDtypeStruct(shape, jnp.int32),
             "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
@@ -120,8 +123,8 @@ def _model_and_state(cfg: Config, mesh, rules):
         abstract_trainable, abstract_frozen_model = partition(abstract_params, is_trainable)
     except ValueError as e:
         raise ConfigError(f"train.trainable={cfg.train.trainable}: {e}") from None
-    spec = objectives.spec_of(cfg)
-    sets = {name: abstract_params for name in spec.frozen_sets}
+    spec, frozen_sets = objectives.spec_of(cfg), objectives.frozen_sets_of(cfg)
+    sets = {name: abstract_params for name in frozen_sets}
     abstract_frozen = {"model": abstract_frozen_model, "sets": sets}
     shard = lambda tree: shard_rules.param_shardings(tree, mesh, rules)
     tx = make_optimizer(cfg.train)
@@ -135,7 +138,7 @@ def _model_and_state(cfg: Config, mesh, rules):
     state_sh = _mirror_param_shardings(jax.eval_shape(tx.init, abstract_trainable), abstract_trainable,
                                        trainable_sh, replicated)
     return dict(spec=spec, graphdef=graphdef, is_trainable=is_trainable, abstract_params=abstract_params,
-                abstract_trainable=abstract_trainable, abstract_frozen=abstract_frozen,
+                abstract_trainable=abstract_trainable, abstract_frozen=abstract_frozen, frozen_sets=frozen_sets,
                 abstract_opt=jax.eval_shape(opt_init, abstract_trainable, 0), params_sh=shard(abstract_params),
                 trainable_sh=trainable_sh, frozen_sh={"model": shard(abstract_frozen_model),
                                                       "sets": {n: shard(t) for n, t in sets.items()}},
@@ -196,7 +199,7 @@ def build(cfg: Config) -> Setup:
     def _init(seed):
         params = jax.lax.with_sharding_constraint(models.init_params(cfg.model, seed), parts["params_sh"])
         trainable, frozen_model = partition(params, parts["is_trainable"])
-        frozen = {"model": frozen_model, "sets": {name: params for name in spec.frozen_sets}}
+        frozen = {"model": frozen_model, "sets": {name: params for name in parts["frozen_sets"]}}
         return trainable, frozen, opt_init(trainable, seed)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -267,7 +270,7 @@ def dry_run(cfg: Config) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    tokens = cfg.train.batch_size * cfg.train.seq_len
+    tokens = cfg.train.batch_size * setup.spec.rows_per_example * cfg.train.seq_len
     out = {
         "devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
         "params": n_params(setup.abstract_params), "params_trainable": n_params(setup.abstract_trainable),

@@ -1,4 +1,5 @@
-"""Objective specs, looked up by name: `causal` (causal_lm, sft) and `diffusion` (mdm, mdm_sft) register theirs.
+"""Objective specs, looked up by name: `causal` (causal_lm, sft), `diffusion` (mdm, mdm_sft) and `preference`
+(dpo, orpo) register theirs.
 
 `train.objective` is a typed section chosen by its `name` (`train.objective: {name: mdm, eps: 1.0e-3}`; a bare
 string `train.objective: causal_lm` is the section with its defaults; `auto` picks the spec registered for the
@@ -6,7 +7,7 @@ model kind and data format). See base.py for the loss contract and the spec's fi
 """
 from __future__ import annotations
 
-from mathlm.train.objectives import causal, diffusion  # noqa: F401  (register their specs)
+from mathlm.train.objectives import causal, diffusion, preference  # noqa: F401  (register their specs)
 from mathlm.train.objectives.base import (  # noqa: F401
     REGISTRY,
     Objective,
@@ -70,6 +71,12 @@ def _section_of(name: str, section_or_train_cfg):
 def section_of(cfg):
     """The typed objective section of a config."""
     return _section_of(objective_name(cfg), cfg.train)
+
+
+def frozen_sets_of(cfg) -> tuple[str, ...]:
+    """The frozen parameter sets a run's objective reads (spec.frozen_sets, resolved against the config)."""
+    sets = spec_of(cfg).frozen_sets
+    return tuple(sets(section_of(cfg), cfg) if callable(sets) else sets)
 
 
 def get_objective(name: str, section=None) -> Objective:

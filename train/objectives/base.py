@@ -2,10 +2,12 @@
 
 Contract: `loss(model, batch, rng, frozen) -> (loss_sum, metrics)`
   - `model`: the NNX module with the trainable + frozen weights merged in;
-  - `batch`: dict of (B, L) arrays (see mathlm.data.pipeline; `spec.batch_fields` names the ones it reads);
+  - `batch`: dict of (B, L) arrays (see mathlm.data.pipeline; `spec.batch_fields` names the ones it reads), or
+    (B, R, L) with R = `spec.rows_per_example` rows per example (a preference pair: chosen, rejected);
   - `rng`: a PRNG key for stochastic objectives (diffusion masking), distinct per micro-batch and step;
   - `frozen`: the extra parameter sets it asked for by name in `spec.frozen_sets` (e.g. a DPO reference model),
-    a dict of pure-dict pytrees passed into the jitted step as sharded arguments; empty for most objectives;
+    a dict of pure-dict pytrees passed into the jitted step as sharded arguments; empty for most objectives.
+    Which sets a run gets is `objectives.frozen_sets_of(cfg)` (the spec's tuple, or its function of the config);
   - returns the *sum* of the loss over the batch and `metrics`, which must hold `denom`, the normaliser of that
     sum (e.g. the number of loss tokens). The trainer divides Σ loss_sum by Σ denom over all micro-batches, so k
     micro-batches give exactly the gradient of one k-times larger batch. Other metrics are sums, turned into
@@ -67,7 +69,14 @@ class ObjectiveSpec:
     metric_names: tuple[str, ...] = ("accuracy",)  # what `summarize` logs besides loss/grad_norm/lr/tokens
     summarize: Callable[[dict], dict] = _lm_summary  # fetched metric sums (+ "tokens") -> logged values
     eval_label: str | None = None  # printed after the held-out figures, e.g. "Monte-Carlo ELBO, upper bounds"
-    frozen_sets: tuple[str, ...] = ()  # extra parameter sets the loss reads from `frozen`, by name
+    # Extra parameter sets the loss reads from `frozen`, by name, each starting as a copy of the initial model: a
+    # tuple, or (section, cfg) -> tuple when the config decides (DPO: a reference copy unless LoRA adapters give
+    # it). Read it through `objectives.frozen_sets_of(cfg)`.
+    frozen_sets: tuple[str, ...] | Callable[[Any, Any], tuple[str, ...]] = ()
+    rows_per_example: int = 1  # rows each batch element holds: 2 for a preference pair (batches (B, 2, L))
+    # The loss the first step of a fresh run must have (DPO: log 2, policy = reference); the loop stops there
+    # with a TrainingError when it does not. None: no such check.
+    start_loss: float | None = None
 
 
 REGISTRY: dict[str, ObjectiveSpec] = {}
