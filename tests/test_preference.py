@@ -23,7 +23,14 @@ from mathlm.train import objectives
 from mathlm.train.config import ConfigError, load_config
 from mathlm.train.loop import train
 from mathlm.train.objectives import get_objective
-from mathlm.train.objectives.preference import DPOConfig, ORPOConfig, log1mexp, log_odds, sequence_logps
+from mathlm.train.objectives.preference import (
+    DPOConfig,
+    ORPOConfig,
+    initial_loss,
+    log1mexp,
+    log_odds,
+    sequence_logps,
+)
 from mathlm.train.state import combine, partition
 from mathlm.train.trainer import TrainingError, batch_spec, build, compile_step, to_global
 
@@ -309,6 +316,7 @@ def test_dpo_trains_a_lora_model_from_a_plain_run(dpo_lora_run):
     rows = [r for r in _rows(wd) if "loss" in r]
     assert objectives.frozen_sets_of(cfg) == () and len(rows) == 3
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-5  # step 1's loss is the initial policy's: policy = reference
+    assert initial_loss(wd) == rows[0]["loss"]  # the loop's step-0 record
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["rewards/margin"] != 0.0
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= set(rows[0])
     assert rows[0]["tokens"] == 8.0 and math.isfinite(last["eval/loss"])  # 8 pairs; eval on the chosen sides

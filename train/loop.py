@@ -245,12 +245,14 @@ class _Metrics:
         return row
 
 
-def _check_start(setup: Setup, metrics) -> None:
-    """The first step of a fresh run against the objective's start_loss (DPO: log 2, since policy = reference)."""
+def _check_start(setup: Setup, metrics, logger) -> None:
+    """The first step of a fresh run against the objective's start_loss (DPO: log 2, since policy = reference);
+    the value is logged as metrics.jsonl's step-0 row {"start_loss": ...} (objectives.preference.initial_loss)."""
     want = setup.spec.start_loss
     if want is None:
         return
     have = float(jax.device_get(metrics["loss"]))
+    logger.log(0, {"start_loss": have})
     if not abs(have - want) <= 1e-4:
         raise TrainingError(f"step-0 {setup.spec.name} loss is {have:.6f}, not {want:.6f}: the policy does not "
                             "start as its reference (with LoRA adapters as the reference, model.init_from must be "
@@ -335,7 +337,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
                     _check_fields(setup, local)
                 trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, local))
                 if step == 0:  # the step's loss is the one before its update: the initial model's
-                    _check_start(setup, m)
+                    _check_start(setup, m, logger)
                 step += 1
                 metrics.add(step, m)
                 if step % t.log_every == 0 or step == t.steps:

@@ -11,7 +11,9 @@ both (the reference disables it; our model has none).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,17 @@ def chosen_nll(model, batch, byte_table, frozen=None):
     mask = side["loss_mask"].astype(jnp.float32)
     return {"nll": jnp.sum(token_nll(logits, side["targets"]) * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_table[side["targets"]] * mask)}
+
+
+def initial_loss(run_dir) -> float:
+    """The loss of a fresh DPO run's first step, i.e. of its initial policy (the loop checks it is log 2 and
+    writes it as metrics.jsonl's step-0 row, {"step": 0, "start_loss": ...})."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in open(path)] if path.is_file() else []
+    for row in rows:
+        if "start_loss" in row:
+            return float(row["start_loss"])
+    raise ValueError(f"{run_dir}: no step-0 loss recorded (not a fresh dpo run)")
 
 
 @dataclasses.dataclass(frozen=True)
