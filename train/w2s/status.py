@@ -33,7 +33,8 @@ def table(workdir: pathlib.Path) -> str:
     ctx = Ctx(cfg, workdir.absolute())
     units = pipeline.units_of(cfg)
     states, man = pipeline.states(ctx, units), Manifests(ctx.workdir)
-    lines = [f"{'step':9s} {'unit':22s} state"]
+    width = max(len(u.name) for u in units)
+    lines = [f"{'step':9s} {'unit':{width}s} state"]
     for u in units:
         state = states[u.name]
         if state == "done":
@@ -41,7 +42,7 @@ def table(workdir: pathlib.Path) -> str:
             state = f"done  {m['finished']}  {m['seconds']:.0f} s"
         elif state == "pending":
             state = _partial(ctx, u) or "pending"
-        lines.append(f"{u.step:9s} {u.name:22s} {state}")
+        lines.append(f"{u.step:9s} {u.name:{width}s} {state}")
     n_done = sum(s == "done" for s in states.values())
     lines.append(f"{n_done} of {len(units)} units done")
     return "\n".join(lines)
