@@ -3,6 +3,7 @@
     python bench/decode_bench.py                         # configs tiny and small, batch 1 and 16, 128 new tokens
     python bench/decode_bench.py --configs tiny --batches 16 --repeats 5
     python bench/decode_bench.py --json out.json
+    python bench/decode_bench.py --frameworks mathlm    # mathlm only (e.g. before/after a change, interleaved)
 
 Same weights in both: a randomly initialised mathlm model is written as a run and exported with
 `mathlm.train.convert.to_hf`; transformers loads that folder (LlamaForCausalLM, float32, eager attention,
@@ -148,6 +149,18 @@ def _run_child(framework: str, run_dir: str, hf_dir: str, batch: int, a) -> dict
     return json.loads(lines[-1][len(MARK):])
 
 
+def _same_tokens(res: dict, n: int) -> float | None:
+    """The share of new tokens on which the two frameworks agree; None when only one ran."""
+    if len(res) < 2:
+        return None
+    return sum(x == y for r0, r1 in zip(res["mathlm"]["tokens"], res["torch"]["tokens"])
+               for x, y in zip(r0, r1)) / n
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -155,6 +168,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--frameworks", nargs="+", default=["mathlm", "torch"], choices=["mathlm", "torch"])
     p.add_argument("--json", help="also write every figure here")
     p.add_argument("--_worker", choices=["mathlm", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -172,9 +186,8 @@ def main() -> None:
         for name in a.configs:
             run_dir, hf_dir = _make_models(name, root)
             for batch in a.batches:
-                res = {fw: _run_child(fw, run_dir, hf_dir, batch, a) for fw in ("mathlm", "torch")}
-                same = sum(x == y for r0, r1 in zip(res["mathlm"]["tokens"], res["torch"]["tokens"])
-                           for x, y in zip(r0, r1)) / (batch * a.new_tokens)
+                res = {fw: _run_child(fw, run_dir, hf_dir, batch, a) for fw in a.frameworks}
+                same = _same_tokens(res, batch * a.new_tokens)
                 for fw, r in res.items():
                     r.update(config=name, batch=batch, framework=fw, same_tokens=same,
                              tokens_per_s=batch * a.new_tokens / r["median_s"],
@@ -182,10 +195,10 @@ def main() -> None:
                     rows.append(r)
                     print(f"{name:6s} b{batch:<3d} {fw:7s} first {r['first_s']:7.2f} s  median "
                           f"{r['median_s']:7.3f} s  {r['tokens_per_s']:8.0f} new tok/s  compile "
-                          f"{r['compile_s']:6.2f} s  busy {r['busy']:.2f}  same tokens {100 * same:.1f}%",
-                          flush=True)
-                ratio = res["mathlm"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
-                print(f"{name:6s} b{batch:<3d} mathlm / torch: {ratio:.2f}x", flush=True)
+                          f"{r['compile_s']:6.2f} s  busy {r['busy']:.2f}  same tokens {_pct(same)}", flush=True)
+                if len(res) == 2:
+                    ratio = res["mathlm"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
+                    print(f"{name:6s} b{batch:<3d} mathlm / torch: {ratio:.2f}x", flush=True)
                 if max(r["busy"] for r in res.values()) > 0.1:
                     print("  warning: other processes used the CPU during timing; rerun on a quiet machine")
     print("; ".join(sorted({r["versions"] for r in rows})))
