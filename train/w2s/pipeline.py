@@ -195,14 +195,15 @@ def check_models(cfg: W2SConfig) -> None:
 def run(cfg: W2SConfig, workdir: pathlib.Path, chosen: list[Unit] | None = None, log=print,
         show_progress: bool = False) -> dict[str, str]:
     """Run the chosen units (default: all) in order; returns unit -> what happened (done / ran)."""
-    check_models(cfg)
+    units = units_of(cfg)
+    chosen = units if chosen is None else chosen
+    if any(u.step != "prepare" for u in chosen):  # the data splits alone need no model
+        check_models(cfg)
     workdir = workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     save(cfg, workdir / "config.yaml")
-    units = units_of(cfg)
     keys, man = keys_of(cfg, units), Manifests(workdir)
     ctx = Ctx(cfg, workdir, log, show_progress)
-    chosen = units if chosen is None else chosen
     names = {u.name for u in chosen}
     done: dict[str, str] = {}
     for u in chosen:
