@@ -229,10 +229,8 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = (),
-                migrate: bool = False) -> Config:
-    """`migrate`: the file is a run's saved config.yaml, possibly from an older version: keys that moved are
-    carried to their new place instead of refused (user-written configs get the one-line error)."""
+def read_raw(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> dict:
+    """A YAML config file (or nothing) with dotted overrides applied, as a plain dict; ConfigError names the file."""
     raw: dict = {}
     if path is not None:
         p = pathlib.Path(path)
@@ -245,6 +243,14 @@ def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str]
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = (),
+                migrate: bool = False) -> Config:
+    """`migrate`: the file is a run's saved config.yaml, possibly from an older version: keys that moved are
+    carried to their new place instead of refused (user-written configs get the one-line error)."""
+    raw = read_raw(path, overrides)
     moved = _moved_keys(raw, migrate)
     cfg = _resolve_defaults(_build(Config, raw, ""), moved)
     validate(cfg)

@@ -13,7 +13,7 @@ import yaml
 
 from mathlm.data.w2s import AGREE_MODES, PairRule
 from mathlm.models.lora import LoraOptions
-from mathlm.train.config import ConfigError, _build, _set_dotted, parse_override
+from mathlm.train.config import ConfigError, _build, read_raw
 
 TASKS = ("synth", "gsm8k", "math")
 VARIANTS = ("weak", "icl", "hybrid")
@@ -211,18 +211,7 @@ def validate(cfg: W2SConfig) -> None:
 
 
 def load(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> W2SConfig:
-    raw: dict = {}
-    if path is not None:
-        p = pathlib.Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    for item in overrides:
-        _set_dotted(raw, *parse_override(item))
-    cfg = _build(W2SConfig, raw, "")
+    cfg = _build(W2SConfig, read_raw(path, overrides), "")
     validate(cfg)
     return cfg
 
