@@ -41,6 +41,9 @@ def _run_steps(config, overrides, workdir, progress, **select) -> None:
             return
         result = pipeline.run(cfg, wd, chosen, log=_log(), show_progress=progress)
         ran = [n for n, s in result.items() if s == "ran"]
+        if "stopped" in result.values():
+            typer.echo(f"stopped in {wd} after {len(ran)} step(s); rerun the same command to resume")
+            return
         typer.echo(f"done in {wd}: ran {len(ran)}, already done {len(result) - len(ran)}")
 
 

@@ -21,6 +21,11 @@ from mathlm.train.w2s.config import TrainSpec
 KEY_FILE = "w2s_key"
 
 
+class Preempted(Exception):
+    """A training run stopped early (SIGTERM / a preemption) after saving its checkpoint: the pipeline stops too,
+    and the same command resumes it."""
+
+
 def base_model_section(run: str | pathlib.Path) -> dict:
     """The model section of a run (its network, without a variant or init_from)."""
     cfg = load_config(pathlib.Path(run) / "config.yaml", migrate=True)
@@ -65,6 +70,8 @@ def fit(run_dir: pathlib.Path, raw: dict, spec: TrainSpec, key: str, log=print, 
     from mathlm.train.runs import adopt_init_variant
     log(f"  training {run_dir} ({cfg.train.steps} steps of {cfg.train.batch_size})")
     last = train(adopt_init_variant(cfg), run_dir, show_progress=show_progress)
+    if last.get("preempted"):
+        raise Preempted(f"{run_dir} stopped at step {last['step']} (checkpoint saved)")
     return {k: float(v) for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

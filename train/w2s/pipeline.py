@@ -15,6 +15,7 @@ from mathlm.train.w2s import evaluation, stage1, stage2
 from mathlm.train.w2s.config import W2SConfig, fingerprint, save, to_dict
 from mathlm.train.w2s.context import Ctx
 from mathlm.train.w2s.manifest import Manifests
+from mathlm.train.w2s.models import Preempted
 
 STEPS = ("prepare", "weak-gen", "icl-gen", "filter", "sft", "regen", "sample", "pairs", "po", "eval", "report")
 
@@ -224,7 +225,12 @@ def run(cfg: W2SConfig, workdir: pathlib.Path, chosen: list[Unit] | None = None,
         log(f"[bold]{u.name}[/bold]")
         t0 = time.perf_counter()
         ctx.key = keys[u.name]
-        summary = u.run(ctx)
+        try:
+            summary = u.run(ctx)
+        except Preempted as e:
+            log(f"[yellow]stopping: {e}; rerun the same command to resume")
+            done[u.name] = "stopped"
+            return done
         man.record(u.name, keys[u.name], u.inputs(ctx), u.outputs(ctx), time.perf_counter() - t0, summary)
         done[u.name] = "ran"
     return done
