@@ -154,3 +154,15 @@ def test_a_split2_record_without_a_question_is_one_line(tmp_path):
               "weak.pretrain=null", "weak.sft=null", "--workdir", tmp_path / "w")
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and last.startswith("error: ") and "needs a question" in last, res.stderr
+
+
+def test_a_preempted_training_run_stops_the_pipeline_unrecorded(tmp_path, monkeypatch):
+    """SIGTERM inside a training unit: train() saves and returns `preempted`; the pipeline must stop there (the
+    same command resumes), never record the half-trained model as done."""
+    import mathlm.train.loop as loop
+    monkeypatch.setattr(loop, "train", lambda cfg, wd, show_progress=False: {"preempted": True, "step": 3})
+    cfg = load(SMOKE)
+    result = pipeline.run(cfg, tmp_path / "w", log=lambda m: None)
+    assert result == {"prepare/data": "ran", "prepare/strong": "stopped"}
+    assert not (tmp_path / "w" / "done" / "prepare__strong.json").exists()
+    assert (tmp_path / "w" / "done" / "prepare__data.json").is_file()
