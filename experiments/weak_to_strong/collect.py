@@ -46,7 +46,8 @@ def checks(res: dict) -> list[dict]:
         ("round 2 at least as good as round 1 and keeps more questions",
          f"hybrid {acc['round1_hybrid']:.1%} -> {acc.get('round2_hybrid', 0):.1%}; kept "
          f"{rounds[0]['kept']} -> {rounds[-1]['kept']}",
-         len(rounds) > 1 and acc.get("round2_hybrid", 0) >= acc["round1_hybrid"] and rounds[1]["kept"] > rounds[0]["kept"]),
+         len(rounds) > 1 and acc.get("round2_hybrid", 0) >= acc["round1_hybrid"]
+         and rounds[1]["kept"] > rounds[0]["kept"]),
         ("DPO and ORPO at least as good as M_plus", f"M_plus {acc[m_plus]:.1%}, DPO {acc.get('dpo', 0):.1%}, "
          f"ORPO {acc.get('orpo', 0):.1%}", best_po >= acc[m_plus]),
         ("about 80% of the pairs clean", f"clean {pairs.get('clean_rate', 0):.1%} of {pairs['pairs']} pairs",
