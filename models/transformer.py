@@ -206,26 +206,33 @@ def _attend_bwd(res, dout):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-# The KV cache is stored (B, K, S, Dh): per (row, kv head) the slots are contiguous, which is the layout the
-# attention over the cache reads. Stored (B, S, K, Dh) (as the projections produce it), XLA copied the whole
-# cache into this layout for every decode step and layer (a third of decode time on CPU).
+# KV cache layouts: keys (B, K, Dh, S), values (B, K, S, Dh). A decode step reads each once, reducing over the
+# non-minor axis (Dh for the scores, S for the output) so that XLA streams contiguous rows of S or Dh.
+# Stored (B, S, K, Dh), as the projections produce it, XLA copied the whole cache into the layouts its batched
+# attention dots wanted, every decode step and layer (a third of decode time on CPU).
+K_LAYOUT, V_LAYOUT = (0, 2, 3, 1), (0, 2, 1, 3)  # (B, T, K, Dh) -> the cache's axis order
 
-def _write_cache(cache, new, index):
-    """Write this call's keys or values, new (B, T, K, Dh), at slots [index, index + T) of a (B, K, S, Dh) cache.
-    Only the T new slots are transposed; with the cache donated, XLA updates it in place."""
-    return lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
+
+def _write_cache(cache, new, index, layout):
+    """Write this call's keys or values, new (B, T, K, Dh), at slots [index, index + T) of a cache stored in
+    `layout`. Only the T new slots are transposed; with the cache donated, XLA updates it in place."""
+    start = [0, 0, 0, 0]
+    start[layout.index(1)] = index
+    return lax.dynamic_update_slice(cache, new.transpose(layout).astype(cache.dtype), start)
 
 
 def _attend_cache(q, k, v, mask):
-    """q (B, T, K, G, Dh) over a cache k/v (B, K, S, Dh), mask (B, 1, 1, T, S) -> (B, T, K, G, Dh)."""
+    """q (B, T, K, G, Dh) over the cache, k (B, K, Dh, S) and v (B, K, S, Dh), under mask (B, 1, 1, T, S)
+    -> (B, T, K, G, Dh)."""
+    scale = math.sqrt(q.shape[-1])
     if q.shape[1] > 1:  # a prefill or a multi-token extension: batched matmuls
-        logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("btkgd,bkds->bkgts", q, k).astype(jnp.float32) / scale
         probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(q.dtype)
         return jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    # One query per row (a decode step): memory-bound, so written as multiply + reduce, which XLA fuses into
-    # single passes over the cache; as batched dots (M = G rows) XLA:CPU transposed v and ran slower.
-    q32 = q[:, 0].astype(jnp.float32)  # (B, K, G, Dh)
-    logits = jnp.sum(q32[:, :, :, None] * k[:, :, None].astype(jnp.float32), -1) / math.sqrt(q.shape[-1])
+    # One query per row (a decode step) is memory-bound: multiply + reduce, which XLA fuses into one pass over
+    # each cache; as batched dots (M = G rows) XLA:CPU ran slower.
+    q32 = q[:, 0, ..., None].astype(jnp.float32)  # (B, K, G, Dh, 1)
+    logits = jnp.sum(q32 * k[:, :, None].astype(jnp.float32), 3) / scale  # (B, K, G, S)
     probs = jax.nn.softmax(jnp.where(mask[:, :, :, 0], logits, jnp.finfo(jnp.float32).min), axis=-1)
     out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), 3)  # (B, K, G, Dh)
     return out[:, None].astype(q.dtype)
@@ -258,15 +265,17 @@ class Attention(nnx.Module):
         return q, rope(self.k(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
 
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
-        """With `kv_cache` = (k, v) of shape (B, K, S, Dh), this call's keys/values are written at slots
-        [index, index + T) and the queries attend over the whole cache (under `mask`); returns (out, new kv_cache)."""
+        """With `kv_cache` = (k, v) of shapes (B, K, Dh, S) and (B, K, S, Dh), this call's keys/values are written
+        at slots [index, index + T) and the queries attend over the whole cache (under `mask`); returns
+        (out, new kv_cache)."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv, g, dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
         q, k = self._rotated_qk(x, positions)
         v = self.v(x).reshape(b, t, kv, dh)
         if kv_cache is not None:
-            k, v = (_write_cache(c, new, index) for c, new in zip(kv_cache, (k, v)))
+            k = _write_cache(kv_cache[0], k, index, K_LAYOUT)
+            v = _write_cache(kv_cache[1], v, index, V_LAYOUT)
             out = _attend_cache(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
             return self.o(out), (k, v)
         if _use_cudnn(cfg):
@@ -312,10 +321,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def init_cache(self, batch: int, slots: int):
-        """This block's KV cache: (k, v), each (B, K, S, Dh)."""
+        """This block's KV cache: (k, v) of shapes (B, K, Dh, S) and (B, K, S, Dh) (K_LAYOUT, V_LAYOUT)."""
         cfg = self.attn.cfg
-        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
-        return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)  # as the projections' (B, T, K, Dh)
+        dt = jnp.dtype(cfg.dtype)
+        return (jnp.zeros([shape[i] for i in K_LAYOUT], dt), jnp.zeros([shape[i] for i in V_LAYOUT], dt))
 
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         if kv_cache is None:

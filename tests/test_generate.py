@@ -60,8 +60,9 @@ def test_greedy_with_cache_is_token_identical_to_recomputation(kw):
 
 
 def test_decode_step_updates_the_cache_in_place(model):
-    """The cache is (B, K, S, Dh), the layout attention reads: the compiled decode loop neither copies nor
-    transposes it (it used to, every step and layer) and updates the donated buffers in place."""
+    """The cache is stored in the layouts attention reads, keys (B, K, Dh, S) and values (B, K, S, Dh): the
+    compiled decode loop neither copies nor transposes it (it used to, every step and layer) and updates the
+    donated buffers in place."""
     g = Generator(model, eos_id=-1)
     seen, decode = [], g._decode
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -73,11 +74,12 @@ def test_decode_step_updates_the_cache_in_place(model):
     g._decode = spy
     g(_prompts(), Sampling(max_new_tokens=8))
     state, sampling = seen[0]
+    b, slots, kv, dh = 8, 32 + 8, CFG.n_kv_heads, CFG.head_dim  # prompts up to 30 tokens -> 32 slots, + 8 new
+    for k, v in state["cache"]["layers"]:
+        assert (k.shape, v.shape) == ((b, kv, dh, slots), (b, kv, slots, dh))
     leaves = jax.tree.leaves(state["cache"]["layers"])
-    b, slots = 8, 32 + 8  # prompts up to 30 tokens -> a 32-slot prompt bucket, + 8 new slots
-    assert all(x.shape == (b, CFG.n_kv_heads, slots, CFG.head_dim) for x in leaves)
     compiled = decode.lower(g.params, state, jnp.int32(8), sampling=sampling).compile()
-    n = b * CFG.n_kv_heads * slots * CFG.head_dim
+    n = b * kv * slots * dh
     ops = re.findall(r"= f32\[([\d,]+)\]\S* (copy|transpose)\(", compiled.as_text())
     assert not [op for dims, op in ops if math.prod(map(int, dims.split(","))) == n]
     mem = compiled.memory_analysis()
