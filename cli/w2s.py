@@ -53,6 +53,9 @@ def run(config: ConfigArg, overrides: Overrides = None, workdir: Workdir = None,
         stop: Annotated[str | None, typer.Option("--to", help="last step to run")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="compile the recipe's training steps for "
                                                "their mesh (no weights, no data); print sizes and memory")] = False,
+        only: Annotated[list[str] | None, typer.Option("--only", help="with --dry-run: compile only this program "
+                                                       "(weak_sft, strong_sft_lora, strong_dpo_lora, "
+                                                       "strong_orpo_lora); repeatable")] = None,
         progress: Progress = False):
     """Run the whole pipeline (or --from/--to a range of steps): prepare, weak-gen, icl-gen, filter, sft, regen,
     sample, pairs, po, eval, report."""
@@ -61,14 +64,15 @@ def run(config: ConfigArg, overrides: Overrides = None, workdir: Workdir = None,
             from mathlm.train.w2s.dry_run import dry_run as run_dry
             cfg, _ = _setup(config, overrides, workdir)
             from mathlm.cli.train import _human
-            reports = run_dry(cfg)
-            for name, r in reports.items():
+            reports = {}
+            for name, r in run_dry(cfg, only):
+                reports[name] = r
                 temp = r.get("bytes_step_temp_per_device")
                 typer.echo(f"{name:18s} params {r['params']:,} ({r['params_trainable']:,} trainable) on mesh "
                            f"{r['mesh']}; per device: params {_human(r['bytes_params_per_device'])}, optimizer "
                            f"{_human(r['bytes_opt_state_per_device'])}"
                            + (f", step temp {_human(temp)}" if temp is not None else "")
-                           + f"; {r['flops_per_step_model']:.3e} FLOPs/step")
+                           + f"; {r['flops_per_step_model']:.3e} FLOPs/step; compiled in {r['compile_seconds']} s")
             typer.echo(json.dumps(reports))
         return
     _run_steps(config, overrides, workdir, progress, start=start, stop=stop)

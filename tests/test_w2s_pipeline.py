@@ -166,3 +166,18 @@ def test_a_preempted_training_run_stops_the_pipeline_unrecorded(tmp_path, monkey
     assert result == {"prepare/data": "ran", "prepare/strong": "stopped"}
     assert not (tmp_path / "w" / "done" / "prepare__strong.json").exists()
     assert (tmp_path / "w" / "done" / "prepare__data.json").is_file()
+
+
+def test_dry_run_compiles_the_selected_programs_and_names_the_unknown():
+    from mathlm.train.config import ConfigError
+    from mathlm.train.w2s.dry_run import dry_run
+    cfg = load(SMOKE, ["mesh.fsdp=8", "po.train.batch_size=8"])  # the paper configs' mesh, on 8 fake devices
+    reports = dict(dry_run(cfg, only=["weak_sft", "strong_dpo_lora"]))
+    assert list(reports) == ["weak_sft", "strong_dpo_lora"]
+    assert all(r["mesh"]["fsdp"] == 8 for r in reports.values())
+    weak, dpo = reports["weak_sft"], reports["strong_dpo_lora"]
+    assert weak["params_trainable"] == weak["params"]  # full fine-tuning
+    assert 0 < dpo["params_trainable"] < dpo["params"] / 5  # LoRA adapters only
+    assert dpo["bytes_step_temp_per_device"] > 0 and dpo["compile_seconds"] > 0
+    with pytest.raises(ConfigError, match="unknown program.*strong_sft_lora"):
+        dict(dry_run(cfg, only=["nope"]))

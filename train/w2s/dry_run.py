@@ -2,7 +2,10 @@
 the strong model's LoRA SFT, DPO and ORPO) for its mesh, from the model shapes alone (no weights, no data)."""
 from __future__ import annotations
 
+import functools
 import pathlib
+import time
+from collections.abc import Callable, Iterator
 
 from mathlm.train.config import Config as TrainRunConfig
 from mathlm.train.config import ConfigError, _build, _resolve_defaults, validate
@@ -25,23 +28,39 @@ def _compile(raw: dict) -> dict:
     from mathlm.train.trainer import dry_run
     cfg = _resolve_defaults(_build(TrainRunConfig, raw, ""))
     validate(cfg)
-    return dry_run(cfg)
+    t0 = time.perf_counter()
+    out = dry_run(cfg)
+    out["compile_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
-def dry_run(cfg: W2SConfig) -> dict[str, dict]:
+def programs(cfg: W2SConfig) -> dict[str, Callable[[], dict]]:
+    """name -> a thunk compiling that training step; the weak model's SFT first (the smallest program)."""
     ctx = Ctx(cfg, pathlib.Path("."))
     lora = {"name": "lora", **cfg.lora}
-    out = {}
-    strong = _shape(cfg.strong, "strong")
-    s1 = cfg.stage1.sft
-    out["strong_sft_lora"] = _compile(ctx.run_config("strong", strong, PLACEHOLDER, "sft", s1, 1000, objective="sft",
-                                                     init_from=PLACEHOLDER, variant=lora))
-    for m in cfg.po.methods:
-        objective = {"name": "dpo", "beta": cfg.po.beta} if m == "dpo" else {"name": "orpo", "lam": cfg.po.lam}
-        out[f"strong_{m}_lora"] = _compile(ctx.run_config("strong", strong, PLACEHOLDER, "pref", cfg.po.train, 1000,
-                                                          objective=objective, init_from=PLACEHOLDER, variant=lora))
+    out: dict[str, Callable[[], dict]] = {}
     if cfg.weak.sft is not None:
         weak = _shape(cfg.weak, "weak")
-        out["weak_sft"] = _compile(ctx.run_config("weak", weak, PLACEHOLDER, "sft", cfg.weak.sft, 1000,
-                                                  objective="sft", init_from=PLACEHOLDER))
+        out["weak_sft"] = lambda: _compile(ctx.run_config("weak", weak, PLACEHOLDER, "sft", cfg.weak.sft, 1000,
+                                                          objective="sft", init_from=PLACEHOLDER))
+    strong = _shape(cfg.strong, "strong")
+    out["strong_sft_lora"] = lambda: _compile(ctx.run_config("strong", strong, PLACEHOLDER, "sft", cfg.stage1.sft,
+                                                             1000, objective="sft", init_from=PLACEHOLDER,
+                                                             variant=lora))
+    for m in cfg.po.methods:
+        objective = {"name": "dpo", "beta": cfg.po.beta} if m == "dpo" else {"name": "orpo", "lam": cfg.po.lam}
+        out[f"strong_{m}_lora"] = functools.partial(
+            lambda obj: _compile(ctx.run_config("strong", strong, PLACEHOLDER, "pref", cfg.po.train, 1000,
+                                                objective=obj, init_from=PLACEHOLDER, variant=lora)), objective)
     return out
+
+
+def dry_run(cfg: W2SConfig, only: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """Compile each selected program in turn, yielding its report as soon as it is compiled."""
+    progs = programs(cfg)
+    unknown = sorted(set(only or []) - set(progs))
+    if unknown:
+        raise ConfigError(f"--only: unknown program(s) {', '.join(unknown)}; this config has {', '.join(progs)}")
+    for name, thunk in progs.items():
+        if not only or name in only:
+            yield name, thunk()
