@@ -18,6 +18,19 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def _verdict(report: dict) -> None:
+    """The last line a launcher greps: `fits: yes`, or `fits: no` with the reason and a non-zero exit."""
+    if report["fits"]:
+        typer.echo(f"fits: yes ({_human(report['bytes_step_peak_per_device'])} peak of "
+                   f"{_human(report['hbm_bytes_per_device'])} HBM per chip on {report['topology']}, "
+                   f"libtpu {report['libtpu_version']})")
+        return
+    reason = report.get("reason") or (f"peak {_human(report['bytes_step_peak_per_device'])} > "
+                                      f"{_human(report['hbm_bytes_per_device'])} HBM per chip")
+    typer.echo(f"fits: no ({reason})")
+    raise typer.Exit(code=1)
+
+
 def train(
     config: Annotated[pathlib.Path, typer.Argument(help="YAML recipe, e.g. configs/math-tiny.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(
@@ -28,19 +41,39 @@ def train(
         "--dry-run", help="compile the step for the mesh, print size/FLOPs/memory, exit")] = False,
     no_progress: Annotated[bool, typer.Option(
         "--no-progress", help="plain log lines instead of a progress bar")] = False,
+    topology: Annotated[str | None, typer.Option(
+        "--topology", help="with --dry-run: compile for this TPU slice (e.g. v5e-8, v4-16, v6e-256) on this "
+        "host with libtpu (the tpu extra) and report per-chip memory and whether it fits")] = None,
+    slices: Annotated[int, typer.Option("--slices", help="with --topology: number of slices (multislice)")] = 1,
 ):
     """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
+    if topology is not None:
+        if not dry_run:
+            typer.echo("error: --topology needs --dry-run (it compiles for a TPU slice; it cannot train)", err=True)
+            raise typer.Exit(code=2)
+        from mathlm.train import topology as topo_mod
+        try:
+            topo = topo_mod.parse(topology, slices)
+        except topo_mod.TopologyError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=2) from None
+        topo_mod.prepare_environment(topo)  # before jax starts
     with one_line_errors():
         from mathlm.train.config import load_config
         from mathlm.train.runs import adopt_init_variant
         cfg = adopt_init_variant(load_config(config, overrides or []))
         if dry_run:
-            from mathlm.train.trainer import dry_run as run_dry
-            report = run_dry(cfg)
+            if topology is not None:
+                report = topo_mod.dry_run(cfg, topo)
+            else:
+                from mathlm.train.trainer import dry_run as run_dry
+                report = run_dry(cfg)
             for k, v in report.items():
-                shown = _human(v) if k.startswith("bytes_") else (f"{v:.3e}" if "flops" in k else v)
+                shown = _human(v) if k.startswith(("bytes_", "hbm_")) else (f"{v:.3e}" if "flops" in k else v)
                 typer.echo(f"{k:34s} {shown}")
             typer.echo(json.dumps(report))
+            if topology is not None:
+                _verdict(report)
             return
         from mathlm.train.loop import train as run_train
         wd = workdir or pathlib.Path("runs") / config.stem

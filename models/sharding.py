@@ -1,12 +1,19 @@
 """Sharding as a table: each weight's logical axes, and rules that map logical axes onto mesh axes.
 
 Logical axes keep the model free of mesh details: the config's `mesh.rules` decides, e.g. `embed -> fsdp`,
-`mlp -> tensor`. A dimension that the mapped mesh axes do not divide is replicated instead of failing, so the
+`mlp -> tensor`. Activations carry logical axes too (`constrain`, applied by the Transformer to its residual
+stream, attention inputs/outputs, MLP hidden and logits) and go through the same table: an activation's batch
+dimension takes `batch -> (data, fsdp)` first, so its `embed` dimension finds fsdp used and stays whole, while
+heads/mlp/vocab shard over tensor. Without them the partitioner kept full-batch buffers (all rows' logits) on
+every chip under FSDP. A dimension that the mapped mesh axes do not divide is replicated instead of failing, so the
 same rules serve tiny test models and large ones; `describe()` reports every such fallback.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
+import functools
 
 import jax
 import numpy as np
@@ -105,3 +112,41 @@ def describe(abstract_params, mesh: Mesh, rules=DEFAULT_RULES) -> list[str]:
         spec = spec_for(leaf.shape, logical_axes(p, len(leaf.shape)), rules, mesh)
         lines.append(f"{p:40s} {str(tuple(leaf.shape)):18s} {spec}")
     return lines
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("mathlm_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+    """While tracing inside this context, `constrain` pins activations to `mesh` by `rules`. A one-device mesh
+    sets nothing, so a single-device program is exactly the unconstrained one."""
+    token = _ACTIVATIONS.set((mesh, tuple(rules)) if mesh.size > 1 else None)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def traced_under(fn, mesh: Mesh, rules=DEFAULT_RULES):
+    """`fn` with its body run inside `activation_sharding(mesh, rules)`: wrap a function before `jax.jit`, so the
+    constraints apply at trace time wherever the jitted function is first called."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """Pin activation `x` to the logical `axes` (one per dimension) under the current activation context;
+    outside one (tests, decoding, a single device) return x untouched."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, rules, mesh)))

@@ -5,7 +5,8 @@ diffusion (bidirectional). The input embedding may carry one extra row for a mas
 covers the real vocabulary only, so a model can never predict the mask.
 
 Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H // K, Dh head dim, F ffn dim, V vocab.
-Parallelism is applied outside this file (models/sharding.py maps each weight to mesh axes).
+Parallelism is applied outside this file: models/sharding.py maps each weight, and each activation named by
+`constrain(x, logical axes...)` here, to mesh axes (a no-op outside a sharded trainer step).
 
 Two hand-written backward passes (custom VJPs; forward values are the plain ops, gradients equal autodiff's up to
 float rounding) make training on XLA:CPU much faster (numbers in docs/benchmarks.md):
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+from mathlm.models.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +265,8 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         inv_freq = rope_frequencies(cfg)
         q = rope(self.q(x).reshape(b, t, cfg.n_heads, cfg.head_dim), positions, inv_freq)
-        return q, rope(self.k(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
+        k = rope(self.k(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
+        return constrain(q, "batch", "length", "heads", None), constrain(k, "batch", "length", "kv_heads", None)
 
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         """With `kv_cache` = (k, v) of shapes (B, K, Dh, S) and (B, K, S, Dh), this call's keys/values are written
@@ -272,7 +276,7 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         kv, g, dh = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
         q, k = self._rotated_qk(x, positions)
-        v = self.v(x).reshape(b, t, kv, dh)
+        v = constrain(self.v(x).reshape(b, t, kv, dh), "batch", "length", "kv_heads", None)
         if kv_cache is not None:
             k = _write_cache(kv_cache[0], k, index, K_LAYOUT)
             v = _write_cache(kv_cache[1], v, index, V_LAYOUT)
@@ -285,7 +289,7 @@ class Attention(nnx.Module):
                                                implementation="cudnn").reshape(b, t, cfg.n_heads * dh)
         else:
             out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
-        return self.o(out)
+        return self.o(constrain(out, "batch", "length", "heads"))
 
 
     def probs(self, x, positions, mask):
@@ -310,7 +314,7 @@ class MLP(nnx.Module):
         self.down = lin(f, d, 0.02 / math.sqrt(2 * cfg.n_layers))
 
     def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), "batch", "length", "mlp"))
 
 
 class Block(nnx.Module):
@@ -329,8 +333,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, kv_cache=None, index=None):
         if kv_cache is None:
-            x = x + self.attn(self.attn_norm(x), positions, mask)
-            return x + self.mlp(self.mlp_norm(x))
+            x = constrain(x + self.attn(self.attn_norm(x), positions, mask), "batch", "length", "embed")
+            return constrain(x + self.mlp(self.mlp_norm(x)), "batch", "length", "embed")
         h, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, index)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), kv_cache
@@ -360,7 +364,7 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         mask = attention_mask(segment_ids, cfg.causal)
-        x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+        x = constrain(self.embed(tokens).astype(jnp.dtype(cfg.dtype)), "batch", "length", "embed")
         for block in self.blocks:
             if cfg.remat:
                 x = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
@@ -373,8 +377,10 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             head = self.embed.embedding[...][: cfg.vocab_size].astype(x.dtype)
-            return jnp.einsum("btd,vd->btv", x, head).astype(jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, head)
+        else:
+            logits = self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
 
     # --- incremental decoding (causal models only) ---------------------------------------------------------------
     # The cache has a fixed number of slots S; every row of the batch writes the same slot index, so ragged

@@ -43,15 +43,17 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     _initialized = True
 
 
-def make_mesh(cfg: MeshConfig) -> Mesh:
-    n = jax.device_count()
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: every device of the run; a TPU topology's devices
+    for a compile-only dry run)."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
     fsdp, tensor = cfg.fsdp, cfg.tensor
     data = cfg.data if cfg.data != -1 else n // max(fsdp * tensor, 1)
     if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != n:
         raise ConfigError(f"mesh data={cfg.data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
                           f"does not match the {n} available devices")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp, tensor)
-    return Mesh(devices, ("data", "fsdp", "tensor"))
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -13,6 +13,7 @@ spec (train/objectives/); the trainer never branches on which one runs or which 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import jax
@@ -186,9 +187,11 @@ def _make_step(cfg: Config, graphdef, objective, tx):
     return step
 
 
-def build(cfg: Config) -> Setup:
-    maybe_initialize_distributed(cfg.mesh)
-    mesh = make_mesh(cfg.mesh)
+def build(cfg: Config, devices: list | None = None) -> Setup:
+    """Everything a run needs, for the run's devices (or, compile-only, a TPU topology's `devices`)."""
+    if devices is None:
+        maybe_initialize_distributed(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, devices)
     _check_batch(cfg, mesh)
     rules = sharding_rules(cfg)
     parts = _model_and_state(cfg, mesh, rules)
@@ -205,7 +208,8 @@ def build(cfg: Config) -> Setup:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     init_fn = jax.jit(_init, out_shardings=(parts["trainable_sh"], parts["frozen_sh"], parts["opt_sh"]))
     batch_sh = shard_rules.batch_sharding(mesh, rules)
-    step_fn = jax.jit(_make_step(cfg, parts["graphdef"], objective, tx),
+    # Traced under the mesh so the model's activation constraints (models/sharding.py) apply.
+    step_fn = jax.jit(shard_rules.traced_under(_make_step(cfg, parts["graphdef"], objective, tx), mesh, rules),
                       in_shardings=(parts["trainable_sh"], parts["frozen_sh"], parts["opt_sh"], batch_sh),
                       out_shardings=(parts["trainable_sh"], parts["opt_sh"], replicated), donate_argnums=(0, 2))
     return Setup(cfg=cfg, mesh=mesh, batch_sh=batch_sh, step_fn=step_fn, init_fn=init_fn, **parts)
@@ -230,7 +234,8 @@ def make_eval_fn(setup: Setup, byte_lengths: np.ndarray):
         return {"nll": jnp.sum(token_nll(logits, batch["targets"]) * mask), "tokens": jnp.sum(mask),
                 "bytes": jnp.sum(table[batch["targets"]] * mask), **gates}
 
-    return jax.jit(ev, in_shardings=(setup.trainable_sh, setup.frozen_sh, setup.batch_sh))
+    return jax.jit(shard_rules.traced_under(ev, setup.mesh, sharding_rules(setup.cfg)),
+                   in_shardings=(setup.trainable_sh, setup.frozen_sh, setup.batch_sh))
 
 
 def to_global(setup: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -263,20 +268,26 @@ def compile_step(setup: Setup):
                                batch_spec(setup.cfg)).compile()
 
 
-def dry_run(cfg: Config) -> dict:
-    """Compile the step for the configured mesh without data; report size, FLOPs and per-device memory."""
-    setup = build(cfg)
+def dry_run(cfg: Config, devices: list | None = None) -> dict:
+    """Compile the step for the configured mesh (over `devices`, e.g. a TPU topology's, when given) without
+    data; report size, FLOPs and per-device memory. `bytes_step_peak_per_device` is what must fit on a chip;
+    temp can exceed it (buffers that are never live together)."""
+    setup = build(cfg, devices)
+    t0 = time.perf_counter()
     compiled = compile_step(setup)
+    seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     tokens = cfg.train.batch_size * setup.spec.rows_per_example * cfg.train.seq_len
     out = {
-        "devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
+        "devices": setup.mesh.size, "device_kind": setup.mesh.devices.flat[0].device_kind,
+        "mesh": dict(setup.mesh.shape), "compile_seconds": round(seconds, 1),
         "params": n_params(setup.abstract_params), "params_trainable": n_params(setup.abstract_trainable),
         "params_non_embedding": n_params(setup.abstract_params) - cfg.model.param_count()
         + cfg.model.param_count(embeddings=False),
         "flops_per_step_model": model_flops_per_token(setup) * tokens,
+        "flops_per_step_model_per_device": model_flops_per_token(setup) * tokens / setup.mesh.size,
         "flops_6nd_per_step": flops_6nd(cfg.model, tokens),
         "flops_per_step_xla_per_device": float((cost or {}).get("flops", 0.0)),
         "bytes_params_per_device": _per_device_bytes(setup.abstract_params, setup.params_sh),
@@ -288,4 +299,9 @@ def dry_run(cfg: Config) -> dict:
                     "bytes_step_args_per_device": int(mem.argument_size_in_bytes),
                     "bytes_step_output_per_device": int(mem.output_size_in_bytes),
                     "bytes_step_code": int(mem.generated_code_size_in_bytes)})
+        if setup.mesh.devices.flat[0].platform == "tpu":  # libtpu's peak: what its out-of-memory check compares
+            out["bytes_step_peak_per_device"] = int(mem.peak_memory_in_bytes)
+        else:  # XLA:CPU's peak_memory_in_bytes counts the arguments only (measured); report an upper bound
+            out["bytes_step_peak_per_device"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                                    + mem.output_size_in_bytes - mem.alias_size_in_bytes)
     return out
