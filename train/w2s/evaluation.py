@@ -126,12 +126,16 @@ def _plot(ctx: Ctx, res: dict) -> None:
     rounds = list(range(1, cfg.stage1.rounds + 1))
     for v in cfg.stage1.variants:
         left.plot(rounds, [100 * acc[f"round{r}_{v}"] for r in rounds], marker="o", label=f"{v}-ft")
-    for name, style in (("weak", "--"), ("ceiling", ":"), ("naive", "-."), ("weak_icl", (0, (1, 3)))):
+    lines = (("weak", "--", "gray"), ("ceiling", ":", "gray"), ("naive", "-.", "gray"),
+             ("weak_icl", (0, (1, 3)), "gray"), ("strong", "--", "tab:red"))
+    for name, style, color in lines:
         if name in acc:
-            left.axhline(100 * acc[name], linestyle=style, color="gray", label=name)
+            left.axhline(100 * acc[name], linestyle=style, color=color,
+                         label="strong zero-shot" if name == "strong" else name)
     left.set(xlabel="round", ylabel="test accuracy (%)", xticks=rounds, title="Stage I")
     left.legend(fontsize=8)
-    bars = [n for n in ["weak", "naive", "weak_icl", res["m_plus"], *cfg.po.methods, "ceiling"] if n in acc]
+    bars = [n for n in ["weak", "naive", "strong", "weak_icl", res["m_plus"], *cfg.po.methods, "ceiling"]
+            if n in acc]
     right.bar(range(len(bars)), [100 * acc[n] for n in bars], color="tab:blue")
     right.set_xticks(range(len(bars)), [n.replace("_hybrid", "\nhybrid") for n in bars], fontsize=8)
     right.set(ylabel="test accuracy (%)", title="M_plus -> M_pro (Stage II)")
