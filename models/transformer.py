@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from mathlm.models.blocked_attention import blocked_attend
 from mathlm.models.sharding import constrain
 
 
@@ -52,8 +53,10 @@ class ModelConfig:
     mask_token: bool = True  # reserve embedding row `vocab_size` for a [MASK] input (diffusion models)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False
-    # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one.
+    # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one;
+    # "blocked": the plain-JAX flash attention of models/blocked_attention.py (memory T x block, not T x S).
     attention: str = "auto"
+    attention_block: int = 512  # key/value block of `blocked`; the sequence length must be a multiple of it
     init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
     # A network variant from models/variants.py: a name or {name: ..., <its options>}; None = the plain Transformer.
     variant: dict | str | None = None
@@ -75,8 +78,10 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
+        if self.attention not in ("auto", "xla", "cudnn", "blocked"):
+            raise ValueError(f"model.attention must be auto, xla, cudnn or blocked, got {self.attention!r}")
+        if self.attention_block < 1:
+            raise ValueError(f"model.attention_block must be >= 1, got {self.attention_block}")
         if self.rope_scaling not in (None, "llama3"):
             raise ValueError(f"model.rope_scaling must be null or llama3, got {self.rope_scaling!r}")
         if self.rope_scaling and self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -287,6 +292,9 @@ class Attention(nnx.Module):
             # The causal part goes to cuDNN's causal mode; the mask adds the document (segment) boundaries.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=cfg.causal,
                                                implementation="cudnn").reshape(b, t, cfg.n_heads * dh)
+        elif cfg.attention == "blocked":
+            block = min(cfg.attention_block, t)
+            out = blocked_attend(q.reshape(b, t, kv, g, dh), k, v, mask, block).reshape(b, t, cfg.n_heads * dh)
         else:
             out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
         return self.o(constrain(out, "batch", "length", "heads"))

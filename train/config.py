@@ -334,6 +334,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.variant {variants.name_of(cfg.model)} is made from a trained model: set "
                           "model.init_from (a plain run to expand, or an expanded one)")
     t = cfg.train
+    block = min(cfg.model.attention_block, t.seq_len)
+    if cfg.model.attention == "blocked" and t.seq_len % block:
+        raise ConfigError(f"model.attention=blocked: train.seq_len={t.seq_len} is not a multiple of "
+                          f"model.attention_block={cfg.model.attention_block}")
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
