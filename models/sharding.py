@@ -121,9 +121,10 @@ _ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("mathlm_activation
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
-    """While tracing inside this context, `constrain` pins activations to `mesh` by `rules`. A one-device mesh
-    sets nothing, so a single-device program is exactly the unconstrained one."""
-    token = _ACTIVATIONS.set((mesh, tuple(rules)) if mesh.size > 1 else None)
+    """While tracing inside this context, `constrain` pins activations to `mesh` by `rules`, and the attention
+    picks its kernel for the mesh's platform (`current_platform`). A one-device mesh constrains nothing, so a
+    single-device program is exactly the unconstrained one."""
+    token = _ACTIVATIONS.set((mesh, tuple(rules)))
     try:
         yield
     finally:
@@ -142,11 +143,32 @@ def traced_under(fn, mesh: Mesh, rules=DEFAULT_RULES):
     return traced
 
 
+def current_mesh() -> tuple[Mesh, tuple] | None:
+    """(mesh, rules) of the activation context being traced, or None outside one."""
+    return _ACTIVATIONS.get()
+
+
+def current_platform() -> str:
+    """The platform the program being traced will run on: the context mesh's devices ("tpu" for a topology
+    dry-run on a CPU host, where `jax.default_backend()` says "cpu"), else the default backend."""
+    ctx = _ACTIVATIONS.get()
+    return ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+
+
+def activation_spec(shape, *axes: str | None) -> P | None:
+    """The PartitionSpec `constrain` would give an activation of `shape`, or None when nothing shards (no
+    context, or a one-device mesh)."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None or ctx[0].size == 1:
+        return None
+    mesh, rules = ctx
+    return spec_for(shape, axes, rules, mesh)
+
+
 def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
     """Pin activation `x` to the logical `axes` (one per dimension) under the current activation context;
     outside one (tests, decoding, a single device) return x untouched."""
-    ctx = _ACTIVATIONS.get()
-    if ctx is None:
+    spec = activation_spec(x.shape, *axes)
+    if spec is None:
         return x
-    mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, rules, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_ACTIVATIONS.get()[0], spec))

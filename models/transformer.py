@@ -26,8 +26,23 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from mathlm.models import loss_head
+from mathlm.models.attention_ops import (  # noqa: F401  (re-exported: tests and variants use them from here)
+    ATTENTION_KINDS,
+    BLOCKED_FROM,
+    K_LAYOUT,
+    V_LAYOUT,
+    DocMask,
+    _attend,
+    _attend_cache,
+    _write_cache,
+    attention_kind,
+    attention_mask,
+    dense_mask,
+)
 from mathlm.models.blocked_attention import blocked_attend
 from mathlm.models.sharding import constrain
+from mathlm.models.splash import splash_attend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +68,15 @@ class ModelConfig:
     mask_token: bool = True  # reserve embedding row `vocab_size` for a [MASK] input (diffusion models)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False
-    # "auto": cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below; "xla" | "cudnn" force one;
-    # "blocked": the plain-JAX flash attention of models/blocked_attention.py (memory T x block, not T x S).
+    # "auto" picks per platform of the mesh being traced (`attention_kind`): the Pallas splash kernel on TPUs,
+    # cuDNN flash attention on NVIDIA GPUs in bf16, else the einsum path below, or `blocked` from BLOCKED_FROM
+    # tokens. "xla" (einsum) | "cudnn" | "splash" | "blocked" force one; blocked is the plain-JAX flash attention
+    # of models/blocked_attention.py (memory T x block, not T x S).
     attention: str = "auto"
-    attention_block: int = 512  # key/value block of `blocked`; the sequence length must be a multiple of it
+    attention_block: int = 512  # block of `blocked` and `splash`; the sequence length must be a multiple of it
+    # The loss head runs over chunks of this many positions (forward and backward, `target_logprobs`), so the
+    # fp32 (B, T, V) logits never exist whole; sequences up to this length are one chunk (today's program).
+    loss_chunk: int = 1024
     init_from: str | None = None  # a workdir or checkpoint path to load params from (read by the trainer)
     # A network variant from models/variants.py: a name or {name: ..., <its options>}; None = the plain Transformer.
     variant: dict | str | None = None
@@ -78,10 +98,12 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
-        if self.attention not in ("auto", "xla", "cudnn", "blocked"):
-            raise ValueError(f"model.attention must be auto, xla, cudnn or blocked, got {self.attention!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         if self.attention_block < 1:
             raise ValueError(f"model.attention_block must be >= 1, got {self.attention_block}")
+        if self.loss_chunk < 1:
+            raise ValueError(f"model.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.rope_scaling not in (None, "llama3"):
             raise ValueError(f"model.rope_scaling must be null or llama3, got {self.rope_scaling!r}")
         if self.rope_scaling and self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -179,79 +201,6 @@ def rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask(segment_ids, causal: bool):
-    """(B, 1, 1, T, S) boolean: attend only within the same document (and to the past when causal)."""
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        t = segment_ids.shape[1]
-        same_doc = same_doc & jnp.tril(jnp.ones((t, t), bool))[None]
-    return same_doc[:, None, None]
-
-
-@jax.custom_vjp
-def _attend(q, k, v, mask):
-    """Softmax attention, q (B, T, K, G, Dh), k/v (B, S, K, Dh), mask (B, 1, 1, T, S) -> (B, T, K, G, Dh)."""
-    return _attend_fwd(q, k, v, mask)[0]
-
-
-def _attend_fwd(q, k, v, mask):
-    # Plain einsum attention: measured faster than jax.nn.dot_product_attention on the XLA CPU backend.
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v), (q, k, v, probs)
-
-
-def _attend_bwd(res, dout):
-    q, k, v, p = res
-    dv = jnp.einsum("bkgts,btkgd->bskd", p, dout)
-    dp = jnp.einsum("btkgd,bskd->bkgts", dout, v).astype(jnp.float32)
-    p32 = p.astype(jnp.float32)  # masked entries have p == 0, so their gradient is 0 as with the `where`
-    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True)) / math.sqrt(q.shape[-1])).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", ds, k), jnp.einsum("bkgts,btkgd->bskd", ds, q), dv, None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-# KV cache layouts: keys (B, K, Dh, S), values (B, K, S, Dh). A decode step reads each once, reducing over the
-# non-minor axis (Dh for the scores, S for the output) so that XLA streams contiguous rows of S or Dh.
-# Stored (B, S, K, Dh), as the projections produce it, XLA copied the whole cache into the layouts its batched
-# attention dots wanted, every decode step and layer (a third of decode time on CPU).
-K_LAYOUT, V_LAYOUT = (0, 2, 3, 1), (0, 2, 1, 3)  # (B, T, K, Dh) -> the cache's axis order
-
-
-def _write_cache(cache, new, index, layout):
-    """Write this call's keys or values, new (B, T, K, Dh), at slots [index, index + T) of a cache stored in
-    `layout`. Only the T new slots are transposed; with the cache donated, XLA updates it in place."""
-    start = [0, 0, 0, 0]
-    start[layout.index(1)] = index
-    return lax.dynamic_update_slice(cache, new.transpose(layout).astype(cache.dtype), start)
-
-
-def _attend_cache(q, k, v, mask):
-    """q (B, T, K, G, Dh) over the cache, k (B, K, Dh, S) and v (B, K, S, Dh), under mask (B, 1, 1, T, S)
-    -> (B, T, K, G, Dh)."""
-    scale = math.sqrt(q.shape[-1])
-    if q.shape[1] > 1:  # a prefill or a multi-token extension: batched matmuls
-        logits = jnp.einsum("btkgd,bkds->bkgts", q, k).astype(jnp.float32) / scale
-        probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(q.dtype)
-        return jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    # One query per row (a decode step) is memory-bound: multiply + reduce, which XLA fuses into one pass over
-    # each cache; as batched dots (M = G rows) XLA:CPU ran slower.
-    q32 = q[:, 0, ..., None].astype(jnp.float32)  # (B, K, G, Dh, 1)
-    logits = jnp.sum(q32 * k[:, :, None].astype(jnp.float32), 3) / scale  # (B, K, G, S)
-    probs = jax.nn.softmax(jnp.where(mask[:, :, :, 0], logits, jnp.finfo(jnp.float32).min), axis=-1)
-    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), 3)  # (B, K, G, Dh)
-    return out[:, None].astype(q.dtype)
-
-
-def _use_cudnn(cfg: ModelConfig) -> bool:
-    if cfg.attention == "auto":
-        return jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
-    return cfg.attention == "cudnn"
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -287,16 +236,20 @@ class Attention(nnx.Module):
             v = _write_cache(kv_cache[1], v, index, V_LAYOUT)
             out = _attend_cache(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
             return self.o(out), (k, v)
-        if _use_cudnn(cfg):
+        kind, q5 = attention_kind(cfg, t), q.reshape(b, t, kv, g, dh)
+        if kind == "cudnn":
             # Flash attention never materialises the (T, S) scores: needed for long contexts on GPUs.
             # The causal part goes to cuDNN's causal mode; the mask adds the document (segment) boundaries.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], is_causal=cfg.causal,
-                                               implementation="cudnn").reshape(b, t, cfg.n_heads * dh)
-        elif cfg.attention == "blocked":
-            block = min(cfg.attention_block, t)
-            out = blocked_attend(q.reshape(b, t, kv, g, dh), k, v, mask, block).reshape(b, t, cfg.n_heads * dh)
+            # Unverified on hardware: the segment-mask case with cuDNN (docs/benchmarks.md says so).
+            out = jax.nn.dot_product_attention(q, k, v, mask=dense_mask(mask)[:, 0], is_causal=cfg.causal,
+                                               implementation="cudnn")
+        elif kind == "splash":
+            out = splash_attend(q5, k, v, mask.segment_ids, cfg.causal, min(cfg.attention_block, t))
+        elif kind == "blocked":
+            out = blocked_attend(q5, k, v, mask.segment_ids, cfg.causal, min(cfg.attention_block, t))
         else:
-            out = _attend(q.reshape(b, t, kv, g, dh), k, v, mask).reshape(b, t, cfg.n_heads * dh)
+            out = _attend(q5, k, v, dense_mask(mask))
+        out = out.reshape(b, t, cfg.n_heads * dh)
         return self.o(constrain(out, "batch", "length", "heads"))
 
 
@@ -308,7 +261,7 @@ class Attention(nnx.Module):
         q, k = self._rotated_qk(x, positions)
         k = jnp.repeat(k, g, axis=2)  # head h uses kv head h // g, as in _attend
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(dh)
-        logits = jnp.where(mask[:, 0], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(dense_mask(mask)[:, 0], logits, jnp.finfo(jnp.float32).min)
         return jax.nn.softmax(logits, axis=-1)
 
 
@@ -365,29 +318,45 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens (B, T) int32 -> logits (B, T, V) float32 over the real vocabulary."""
+        return self._head(self.hidden(tokens, positions, segment_ids))
+
+    def target_logprobs(self, tokens, targets, positions=None, segment_ids=None):
+        """log p(targets | tokens) (B, T) float32 and whether each target is the argmax (B, T), with the head run
+        over chunks of `loss_chunk` positions (models/loss_head.py): what every training objective reads."""
+        x = self.final_norm(self.hidden(tokens, positions, segment_ids))
+        return loss_head.target_logprobs(self._logits, self._head_weight(), x, targets, self.cfg.loss_chunk)
+
+    def hidden(self, tokens, positions=None, segment_ids=None):
+        """The last block's residual stream (B, T, D), before the final norm."""
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        mask = attention_mask(segment_ids, cfg.causal)
+        mask = DocMask(segment_ids, cfg.causal)
         x = constrain(self.embed(tokens).astype(jnp.dtype(cfg.dtype)), "batch", "length", "embed")
         for block in self.blocks:
             if cfg.remat:
                 x = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
             else:
                 x = block(x, positions, mask)
-        return self._head(x)
+        return x
+
+    def _head_weight(self):
+        """The output projection in compute dtype: the tied embedding rows (V, D), or lm_head's kernel (D, V)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            return self.embed.embedding[...][: self.cfg.vocab_size].astype(dt)
+        return self.lm_head.kernel[...].astype(dt)
+
+    def _logits(self, w, x):
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", x, w)
+        return _linear(x, w)
 
     def _head(self, x):
-        cfg = self.cfg
-        x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            head = self.embed.embedding[...][: cfg.vocab_size].astype(x.dtype)
-            logits = jnp.einsum("btd,vd->btv", x, head)
-        else:
-            logits = self.lm_head(x)
+        logits = self._logits(self._head_weight(), self.final_norm(x))
         return constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
 
     # --- incremental decoding (causal models only) ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Blocked (flash) attention against the einsum path and a float64 reference: forward and gradients."""
+"""Blocked (flash) attention and the TPU splash kernel (through the Pallas interpreter) against the einsum path
+and a float64 reference: forward and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,12 @@ from flax import nnx
 
 from mathlm.models import transformer as tr
 from mathlm.models.blocked_attention import blocked_attend
+from mathlm.models.splash import splash_attend
+
+KERNELS = {
+    "blocked": blocked_attend,
+    "splash": lambda q, k, v, seg, causal, block: splash_attend(q, k, v, seg, causal, block, interpret=True),
+}
 
 
 def _inputs(b=2, t=64, kv=2, g=2, dh=16, seed=0):
@@ -33,31 +40,39 @@ SEGMENTS = {
 }
 
 
+# (kernel, sequence length, block): splash's blocks are multiples of 128 lanes, so its cases run at T = 256.
+CASES = [("blocked", 64, 16), ("blocked", 64, 64), ("splash", 256, 128), ("splash", 256, 256)]
+
+
+@pytest.mark.parametrize("kernel,t,block", CASES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("segments", list(SEGMENTS))
-@pytest.mark.parametrize("block", [16, 64])
-def test_blocked_matches_float64_and_einsum(causal, segments, block):
-    q, k, v = _inputs()
-    mask = tr.attention_mask(jnp.asarray(SEGMENTS[segments]), causal)
+def test_kernel_matches_float64_and_einsum(kernel, t, block, causal, segments):
+    q, k, v = _inputs(t=t)
+    seg = jnp.asarray(np.repeat(SEGMENTS[segments], t // 64, axis=1))  # the same layout, stretched to T
+    mask = tr.attention_mask(seg, causal)
     ref = _reference(q, k, v, mask)
-    out = blocked_attend(q, k, v, mask, block)
+    attend = KERNELS[kernel]
+    out = attend(q, k, v, seg, causal, block)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(np.asarray(out), np.asarray(tr._attend(q, k, v, mask)), atol=1e-5 * np.abs(ref).max())
     weights = jax.random.normal(jax.random.PRNGKey(7), q.shape)  # a cotangent that is not uniform
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
-    g_blocked = jax.grad(loss(lambda q, k, v: blocked_attend(q, k, v, mask, block)), (0, 1, 2))(q, k, v)
+    g_blocked = jax.grad(loss(lambda q, k, v: attend(q, k, v, seg, causal, block)), (0, 1, 2))(q, k, v)
     g_einsum = jax.grad(loss(lambda q, k, v: tr._attend(q, k, v, mask)), (0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_einsum):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.abs(b).max()))
 
 
-def test_mqa_and_a_block_that_does_not_divide():
-    q, k, v = _inputs(kv=1, g=4)  # one kv head shared by four query heads
-    mask = tr.attention_mask(jnp.ones((2, 64), jnp.int32), True)
-    np.testing.assert_allclose(np.asarray(blocked_attend(q, k, v, mask, 32)), _reference(q, k, v, mask),
+@pytest.mark.parametrize("kernel,t,block,bad", [("blocked", 64, 32, 48), ("splash", 256, 128, 384)])
+def test_mqa_and_a_block_that_does_not_divide(kernel, t, block, bad):
+    q, k, v = _inputs(t=t, kv=1, g=4)  # one kv head shared by four query heads
+    seg = jnp.ones((2, t), jnp.int32)
+    mask = tr.attention_mask(seg, True)
+    np.testing.assert_allclose(np.asarray(KERNELS[kernel](q, k, v, seg, True, block)), _reference(q, k, v, mask),
                                atol=1e-5 * 4)
-    with pytest.raises(ValueError, match="not a multiple of the block 48"):
-        blocked_attend(q, k, v, mask, 48)
+    with pytest.raises(ValueError, match=f"not a multiple of the block {bad}"):
+        KERNELS[kernel](q, k, v, seg, True, bad)
 
 
 def test_a_model_with_blocked_attention_equals_the_einsum_model():

@@ -35,9 +35,9 @@ class SowsDivergence(nnx.Module):
     def __init__(self):
         self.inner = Transformer(CFG, rngs=nnx.Rngs(0))
 
-    def __call__(self, *args):
+    def target_logprobs(self, *args):  # what the objectives call (the chunked loss head)
         self.sow(nnx.Intermediate, "aux_loss", jnp.asarray(0.25))
-        return self.inner(*args)
+        return self.inner.target_logprobs(*args)
 
 
 def test_aux_losses_are_added_with_the_same_normaliser():

@@ -40,12 +40,15 @@ def test_every_listed_slice_builds():
 
 
 def test_math_tiny_compiles_for_v5e_4_and_fits():
-    res = train_cli("configs/math-tiny.yaml", "--dry-run", "--topology", "v5e-4", "mesh.fsdp=4")
+    # the einsum attention: its FLOPs are visible to the compiler (the splash kernel's are not; see below)
+    res = train_cli("configs/math-tiny.yaml", "--dry-run", "--topology", "v5e-4", "mesh.fsdp=4",
+                    "model.attention=xla")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert lines[-1].startswith("fits: yes")
     report = json.loads(lines[-2])
     assert report["device_kind"] == "TPU v5 lite" and report["devices"] == 4 and report["topology"] == "v5e-4"
+    assert report["attention"] == "xla" and report["tpu_custom_calls"] == 0
     assert report["fits"] is True and report["libtpu_version"] == topology.libtpu_version()
     assert 0 < report["bytes_step_peak_per_device"] < report["hbm_bytes_per_device"] == int(15.75 * 2**30)
     # the analytic FLOPs split over 4 chips agree with the TPU compiler's count (no Pallas kernels here)
@@ -53,10 +56,25 @@ def test_math_tiny_compiles_for_v5e_4_and_fits():
                                                                      rel=0.05)
 
 
+def test_auto_attention_on_a_tpu_slice_is_the_splash_kernel():
+    """`attention: auto` keys off the mesh's platform: on this CPU host the topology step runs splash (its
+    forward, dq and dkv Mosaic kernels per layer) and the chunked loss head, and takes less memory."""
+    common = ("configs/math-tiny.yaml", "--dry-run", "--topology", "v5e-4", "mesh.fsdp=4", "train.seq_len=1024",
+              "model.max_seq_len=1024", "train.batch_size=8")
+    reports = {}
+    for kind in ("auto", "xla"):
+        res = train_cli(*common, f"model.attention={kind}")
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        reports[kind] = json.loads(res.stdout.strip().splitlines()[-2])
+    auto, xla = reports["auto"], reports["xla"]
+    assert auto["attention"] == "splash" and auto["tpu_custom_calls"] >= 3 * 4  # math-tiny has 4 layers
+    assert auto["bytes_step_peak_per_device"] < xla["bytes_step_peak_per_device"]
+
+
 def test_an_oversized_step_reports_fits_no_and_fails():
     # 64k-token rows: the einsum attention's (B, H, T, T) scores alone are terabytes per chip
     res = train_cli("configs/math-tiny.yaml", "--dry-run", "--topology", "v5e-4", "mesh.fsdp=4",
-                    "train.seq_len=65536", "model.max_seq_len=65536")
+                    "train.seq_len=65536", "model.max_seq_len=65536", "model.attention=xla")
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("fits: no (") and "memory" in last.lower(), last
@@ -71,3 +89,19 @@ def test_an_unknown_slice_lists_the_known_ones():
     assert "unknown TPU topology 'v9-8'" in res.stderr and "v5e-8" in res.stderr and "v4-4096" in res.stderr
     res = train_cli("configs/math-tiny.yaml", "--topology", "v5e-8")
     assert res.returncode == 2 and "needs --dry-run" in res.stderr
+
+
+def test_the_attention_choice_keys_off_the_mesh_platform():
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from mathlm.models import sharding
+    from mathlm.models.transformer import ModelConfig, attention_kind
+    tpu_mesh = Mesh(np.asarray(topology.devices(topology.parse("v5e-4"))).reshape(1, 4, 1), sharding.MESH_AXES)
+    cfg = ModelConfig()
+    assert attention_kind(cfg, 1024) == "xla"  # traced for this CPU
+    with sharding.activation_sharding(tpu_mesh):
+        assert sharding.current_platform() == "tpu"
+        assert attention_kind(cfg, 1024) == "splash" and attention_kind(cfg, 4096) == "splash"
+        assert attention_kind(cfg, 160) == "xla"  # a block of 160 is not a multiple of splash's 128 lanes
+        assert attention_kind(ModelConfig(attention="blocked"), 1024) == "blocked"  # a forced choice stays

@@ -335,9 +335,12 @@ def validate(cfg: Config) -> None:
                           "model.init_from (a plain run to expand, or an expanded one)")
     t = cfg.train
     block = min(cfg.model.attention_block, t.seq_len)
-    if cfg.model.attention == "blocked" and t.seq_len % block:
-        raise ConfigError(f"model.attention=blocked: train.seq_len={t.seq_len} is not a multiple of "
+    if cfg.model.attention in ("blocked", "splash") and t.seq_len % block:
+        raise ConfigError(f"model.attention={cfg.model.attention}: train.seq_len={t.seq_len} is not a multiple of "
                           f"model.attention_block={cfg.model.attention_block}")
+    if cfg.model.attention == "splash" and block % 128:
+        raise ConfigError(f"model.attention=splash: its block min(model.attention_block, train.seq_len) = {block} "
+                          "must be a multiple of 128 (the TPU's lanes)")
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),

@@ -24,9 +24,9 @@ from flax import nnx
 
 from mathlm import models
 from mathlm.models import sharding as shard_rules
+from mathlm.models.attention_ops import attention_kind
 from mathlm.train import objectives
 from mathlm.train.config import Config, ConfigError
-from mathlm.train.objectives import token_nll
 from mathlm.train.optim import lr_schedule, make_optimizer
 from mathlm.train.runtime import (
     data_parallel_size,
@@ -227,11 +227,12 @@ def make_eval_fn(setup: Setup, byte_lengths: np.ndarray):
         model = merge(trainable, frozen)
         if custom is not None:  # e.g. masked diffusion: its ELBO, not next-token NLL
             return custom(model, batch, table, frozen["sets"])
-        logits, _, diag = objectives.forward(model, batch["inputs"], batch["positions"], batch["segment_ids"])
+        logp, _, _, diag = objectives.forward_logprobs(model, batch["inputs"], batch["targets"], batch["positions"],
+                                                       batch["segment_ids"])
         mask = batch["loss_mask"]
         # Each merge site's batch-mean gate (Control-LLM `avg_interp_weight`), averaged over batches by the loop.
         gates = {k: v for k, v in diag.items() if k.endswith("/gate")}
-        return {"nll": jnp.sum(token_nll(logits, batch["targets"]) * mask), "tokens": jnp.sum(mask),
+        return {"nll": -jnp.sum(logp * mask), "tokens": jnp.sum(mask),
                 "bytes": jnp.sum(table[batch["targets"]] * mask), **gates}
 
     return jax.jit(shard_rules.traced_under(ev, setup.mesh, sharding_rules(setup.cfg)),
@@ -280,8 +281,10 @@ def dry_run(cfg: Config, devices: list | None = None) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     tokens = cfg.train.batch_size * setup.spec.rows_per_example * cfg.train.seq_len
+    with shard_rules.activation_sharding(setup.mesh, sharding_rules(cfg)):  # the choice the traced step made
+        attention = attention_kind(cfg.model, cfg.train.seq_len)
     out = {
-        "devices": setup.mesh.size, "device_kind": setup.mesh.devices.flat[0].device_kind,
+        "devices": setup.mesh.size, "device_kind": setup.mesh.devices.flat[0].device_kind, "attention": attention,
         "mesh": dict(setup.mesh.shape), "compile_seconds": round(seconds, 1),
         "params": n_params(setup.abstract_params), "params_trainable": n_params(setup.abstract_trainable),
         "params_non_embedding": n_params(setup.abstract_params) - cfg.model.param_count()
@@ -301,6 +304,8 @@ def dry_run(cfg: Config, devices: list | None = None) -> dict:
                     "bytes_step_code": int(mem.generated_code_size_in_bytes)})
         if setup.mesh.devices.flat[0].platform == "tpu":  # libtpu's peak: what its out-of-memory check compares
             out["bytes_step_peak_per_device"] = int(mem.peak_memory_in_bytes)
+            # Pallas (Mosaic) kernels in the program, e.g. splash's forward, dq and dkv per layer
+            out["tpu_custom_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
         else:  # XLA:CPU's peak_memory_in_bytes counts the arguments only (measured); report an upper bound
             out["bytes_step_peak_per_device"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
                                                     + mem.output_size_in_bytes - mem.alias_size_in_bytes)

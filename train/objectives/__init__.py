@@ -14,6 +14,7 @@ from mathlm.train.objectives.base import (  # noqa: F401
     ObjectiveSpec,
     add_aux_losses,
     forward,
+    forward_logprobs,
     register,
     token_nll,
 )

@@ -103,6 +103,18 @@ def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array, dict[str, j
     Diagnostics are per-layer means a model sows for the logs (a merge site's divergence, cos(h_pre, h_exp) and
     mean gate), keyed "site<block>/<div|cos|gate>"."""
     logits, sown = nnx.capture(model, nnx.Intermediate)(*args)
+    return (logits, *_sown(sown))
+
+
+def forward_logprobs(model: nnx.Module, inputs, targets, positions, segment_ids):
+    """Like `forward`, but through the model's chunked loss head (the full fp32 logits never exist at once):
+    (log p(targets) (B, L) float32, argmax == target (B, L), aux, diagnostics)."""
+    (logp, hit), sown = nnx.capture(model.target_logprobs, nnx.Intermediate)(inputs, targets, positions,
+                                                                              segment_ids)
+    return (logp, hit, *_sown(sown))
+
+
+def _sown(sown) -> tuple[jax.Array, dict[str, jax.Array]]:
     aux, diag = jnp.zeros((), jnp.float32), {}
     for path, v in jax.tree_util.tree_leaves_with_path(sown):
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
@@ -113,7 +125,7 @@ def forward(model: nnx.Module, *args) -> tuple[jax.Array, jax.Array, dict[str, j
             if name in keys:
                 block = keys[keys.index("blocks") + 1] if "blocks" in keys else "?"
                 diag[f"site{block}/{name.split('_')[1]}"] = value
-    return logits, aux, diag
+    return aux, diag
 
 
 def diagnostics_metrics(diag: dict, denom) -> dict:

@@ -9,19 +9,19 @@ from mathlm.train.objectives.base import (
     ObjectiveSpec,
     add_aux_losses,
     diagnostics_metrics,
-    forward,
+    forward_logprobs,
     register,
-    token_nll,
 )
 
 
 def masked_lm(model, batch):
     """Σ next-token NLL over `loss_mask`, normalised by the loss-token count."""
-    logits, aux, diag = forward(model, batch["inputs"], batch["positions"], batch["segment_ids"])
+    logp, hit, aux, diag = forward_logprobs(model, batch["inputs"], batch["targets"], batch["positions"],
+                                            batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    nll = token_nll(logits, batch["targets"]) * mask
+    nll = -logp * mask
     denom = jnp.sum(mask)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+    correct = jnp.sum(hit * mask)
     loss_sum = add_aux_losses(jnp.sum(nll), aux, denom)
     return loss_sum, {"denom": denom, "nll_sum": jnp.sum(nll), "correct_sum": correct, "aux_loss": aux * denom,
             **diagnostics_metrics(diag, denom)}

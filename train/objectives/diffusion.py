@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, forward, register, token_nll
+from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, forward_logprobs, register
 
 
 def split_keys(rng):
@@ -56,11 +56,11 @@ def ssl_keep(k_ssl, k_len, shape, ratio: float):
 
 def _elbo(model, x0, xt, masked, p, positions, segment_ids, denom):
     """Σ over masked tokens of CE(x0 | x_t) / p, with the logging sums next to it."""
-    logits, aux, _ = forward(model, xt, positions, segment_ids)
-    nll = token_nll(logits, x0)
+    logp, hit, aux, _ = forward_logprobs(model, xt, x0, positions, segment_ids)
+    nll = -logp
     w = masked.astype(jnp.float32)
     weighted = jnp.sum(nll * w / p[:, None])
-    correct = jnp.sum((jnp.argmax(logits, -1) == x0) * w)
+    correct = jnp.sum(hit * w)
     loss_sum = add_aux_losses(weighted, aux, denom)
     return loss_sum, {"denom": denom, "nll_sum": weighted, "correct_sum": correct, "aux_loss": aux * denom,
                       # unweighted CE over the masked tokens and their count (logged as masked_ce, accuracy)

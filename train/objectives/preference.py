@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mathlm.models import lora, variants
-from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, forward, register, token_nll
+from mathlm.train.objectives.base import ObjectiveSpec, add_aux_losses, forward_logprobs, register
 
 LN2 = math.log(2.0)
 ELL_MAX = -1e-6  # ORPO's mean token log-prob is clipped to <= this (see log_odds)
@@ -33,9 +33,10 @@ def sequence_logps(model, batch):
     response token counts, aux the (mean) auxiliary loss the model sowed."""
     b, r, length = batch["inputs"].shape
     rows = lambda k: batch[k].reshape(b * r, length)  # pair i -> rows 2i (chosen), 2i + 1 (rejected)
-    logits, aux, _ = forward(model, rows("inputs"), rows("positions"), rows("segment_ids"))
+    logp, _, aux, _ = forward_logprobs(model, rows("inputs"), rows("targets"), rows("positions"),
+                                       rows("segment_ids"))
     mask = rows("loss_mask").astype(jnp.float32)
-    logp = -token_nll(logits, rows("targets")) * mask
+    logp = logp * mask
     return jnp.sum(logp, -1).reshape(b, r), jnp.sum(mask, -1).reshape(b, r), aux
 
 
@@ -117,9 +118,9 @@ def chosen_nll(model, batch, byte_table, frozen=None):
     """Held-out figures of a preference set: the chosen responses' summed token NLL over their tokens and target
     bytes (eval/loss, ppl and bpb), so a run shows how likely its preferred answers stay. One forward of B rows."""
     side = {k: batch[k][:, 0] for k in SIDE_FIELDS}
-    logits, _, _ = forward(model, side["inputs"], side["positions"], side["segment_ids"])
+    logp, _, _, _ = forward_logprobs(model, side["inputs"], side["targets"], side["positions"], side["segment_ids"])
     mask = side["loss_mask"].astype(jnp.float32)
-    return {"nll": jnp.sum(token_nll(logits, side["targets"]) * mask), "tokens": jnp.sum(mask),
+    return {"nll": -jnp.sum(logp * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_table[side["targets"]] * mask)}
 
 
