@@ -13,8 +13,9 @@ from jax import lax
 from mathlm.models import sharding
 
 ATTENTION_KINDS = ("auto", "xla", "cudnn", "blocked", "splash")
-# `auto` on CPU switches from the einsum path to `blocked` at this many tokens (docs/benchmarks.md, "einsum vs
-# blocked attention"): below it einsum is faster; from it on blocked is within ~10% and its memory is T x block.
+# `auto` on CPU switches from the einsum path to `blocked` at this many tokens (docs/benchmarks.md, "Attention on
+# CPU"). Deviation (memory over speed): einsum measured 1.17-1.52x faster at every T, but its scores grow with
+# T^2 (at 4096, 6x blocked's temp per call; ~32 GiB per layer for ganita-208m's 16 heads x 8 rows).
 BLOCKED_FROM = 4096
 SPLASH_LANES = 128  # splash's blocks must be multiples of the TPU's 128 lanes (shorter sequences: einsum)
 
@@ -110,7 +111,10 @@ def attention_kind(cfg, t: int) -> str:
         return cfg.attention
     block = min(cfg.attention_block, t)
     platform = sharding.current_platform()
-    if platform == "tpu" and t % block == 0 and block % SPLASH_LANES == 0:
+    # Splash needs shard_map over the mesh to run on sharded inputs: outside a traced trainer step (sampling,
+    # tools) that mesh is unknown, so there it is used on a single device only.
+    placed = sharding.current_mesh() is not None or jax.device_count() == 1
+    if platform == "tpu" and placed and t % block == 0 and block % SPLASH_LANES == 0:
         return "splash"
     if platform == "gpu" and cfg.dtype == "bfloat16":
         return "cudnn"

@@ -20,8 +20,11 @@ from mathlm.models.sharding import constrain
 
 def _chunk_stats(logits_fn: Callable, w, x, targets):
     logits = constrain(logits_fn(w, x).astype(jnp.float32), "batch", "length", "vocab")
-    picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, -1)
+    # optax.softmax_cross_entropy_with_integer_labels' arithmetic (no inf/nan special cases as in
+    # jax.nn.logsumexp): the head is memory-bound on CPU, and every extra (B, T, V) pass shows in the step time.
+    shifted = logits - lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    picked = jnp.take_along_axis(shifted, targets[..., None], -1)[..., 0]
+    logp = picked - jnp.log(jnp.sum(jnp.exp(shifted), -1))
     return logp, jnp.argmax(logits, -1) == targets
 
 

@@ -96,3 +96,10 @@ def test_a_sequence_length_off_the_block_is_a_config_error():
     with pytest.raises(ConfigError, match="train.seq_len=96 is not a multiple of model.attention_block=64"):
         load_config("configs/math-tiny.yaml", ["model.attention=blocked", "model.attention_block=64",
                                                "train.seq_len=96"])
+
+
+def test_auto_on_this_cpu_keeps_einsum_below_the_measured_threshold():
+    cfg = tr.ModelConfig(attention_block=512)
+    assert tr.attention_kind(cfg, 1024) == "xla" and tr.attention_kind(cfg, tr.BLOCKED_FROM - 512) == "xla"
+    assert tr.attention_kind(cfg, tr.BLOCKED_FROM) == "blocked"
+    assert tr.attention_kind(cfg, tr.BLOCKED_FROM + 100) == "xla"  # off the block: the einsum path stays
