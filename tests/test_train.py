@@ -80,6 +80,50 @@ def test_nan_loss_stops_with_last_good_checkpoint(corpus, tmp_path):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+def _finite_checkpoints(wd, cfg) -> list[int]:
+    """Every kept step of a run, each checked to hold finite weights and optimizer state."""
+    setup = build(cfg)
+    checkpointer = ckpt.Checkpointer(wd / "checkpoints")
+    steps = list(checkpointer.mgr.all_steps())
+    for step in steps:
+        params, opt, _, _ = checkpointer.restore(step, setup.abstract_trainable, setup.trainable_sh,
+                                                 setup.abstract_opt, setup.opt_sh)
+        for leaf in jax.tree.leaves((params, opt)):
+            if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+                assert np.all(np.isfinite(np.asarray(leaf))), step
+    checkpointer.close()
+    return steps
+
+
+def test_non_finite_weights_are_never_checkpointed(corpus, tmp_path):
+    """lr 1e30: the loss of step 2 is still finite (it is computed before the update) but the weights after it
+    are not; that step is refused before its save, and the message names the last step actually saved."""
+    wd = tmp_path / "inf"
+    with pytest.raises(TrainingError, match=r"weights or optimizer state became non-finite .* at step 2; "
+                                            r"stopped without saving it: the last checkpoint saved is step 1"):
+        _train(corpus, wd, "train.lr=1e30", "train.warmup_steps=0", "train.clip_norm=1e30",
+               "checkpoint.every_steps=1", "mesh.data=8", steps=10)
+    assert _finite_checkpoints(wd, load_config(None, tiny_overrides(corpus, "mesh.data=8"))) == [1]
+
+
+def test_non_finite_before_any_checkpoint_says_none_was_saved(corpus, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint was saved"):
+        _train(corpus, tmp_path / "inf0", "train.lr=1e30", "train.warmup_steps=0", "train.clip_norm=1e30",
+               "checkpoint.every_steps=100", "mesh.data=8", steps=10)
+    assert not list((tmp_path / "inf0" / "checkpoints").glob("[0-9]*"))
+
+
+def test_a_restart_from_step_0_logs_every_step_once(corpus, tmp_path):
+    """Killed before its first checkpoint, a run starts again from step 0: metrics.jsonl starts again too."""
+    wd = tmp_path / "relog"
+    _train(corpus, wd, "mesh.data=8", "checkpoint.every_steps=100", steps=3)
+    import shutil
+    shutil.rmtree(wd / "checkpoints")  # as if killed before any save: 3 rows logged, nothing to resume
+    _train(corpus, wd, "mesh.data=8", "checkpoint.every_steps=100", steps=3)
+    steps = [json.loads(line)["step"] for line in open(wd / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) == [1, 2, 3]
+
+
 def test_frozen_params_get_no_optimizer_state_and_do_not_move(corpus, tmp_path):
     cfg = load_config(None, tiny_overrides(corpus, "mesh.data=8", r"train.trainable=[blocks/\d+/mlp/]"))
     setup = build(cfg)

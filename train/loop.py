@@ -22,6 +22,7 @@ from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.eval.gates import block_of, write_results
 from mathlm.train.init_from import check_init_from, params_from_init, record_provenance
+from mathlm.train.lock import WorkdirLock
 from mathlm.train.objectives import sft_pad_is_eos
 from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant
 from mathlm.train.runtime import flops_6nd
@@ -227,10 +228,17 @@ class _Metrics:
         t, cfg = self.setup.cfg.train, self.setup.cfg
         fetched = jax.device_get([m for _, m in self.pending])
         for (s, _), m in zip(self.pending, fetched):
-            if not math.isfinite(float(m["loss"])):
+            bad_loss, bad_state = not math.isfinite(float(m["loss"])), not bool(m.get("finite", True))
+            if bad_loss or bad_state:
                 self.pending = []
-                raise TrainingError(f"loss is {float(m['loss'])} at step {s}; stopped. The last good checkpoint "
-                                    f"(step {self.checkpointer.latest_step()}) is intact")
+                what = (f"loss is {float(m['loss'])}" if bad_loss else
+                        f"the weights or optimizer state became non-finite (loss {float(m['loss']):.4g})")
+                self.checkpointer.wait()
+                saved = self.checkpointer.latest_step()
+                last = (f"the last checkpoint saved is step {saved} (finite; rerunning resumes from it)"
+                        if saved is not None else "no checkpoint was saved")
+                raise TrainingError(f"{what} at step {s}; stopped without saving it: {last}. Lower train.lr or "
+                                    "check the data")
         m = fetched[-1]
         row = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "tokens")}
         row.update(self.setup.spec.summarize(m))
@@ -294,8 +302,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
 
     `stop_after` ends this invocation early at that step (saving a checkpoint), as a preemption would.
     """
-    from mathlm.data.pipeline import train_dataset
-    from mathlm.train.metrics import RunLogger, Throughput, console
+    from mathlm.train.metrics import console
 
     workdir = pathlib.Path(workdir).absolute()
     cfg = adopt_init_variant(cfg)
@@ -304,13 +311,23 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)
     if cfg.model.init_from and not (workdir / "checkpoints").is_dir():
         check_init_from(cfg)  # a mismatch is one line, with nothing written
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, workdir / "config.yaml")
+    with WorkdirLock(workdir, enabled=lead) as lock:
+        lock.acquire(warn=lambda m: log(f"[yellow]{m}"))
+        return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after)
+
+
+def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, log, show_progress: bool,
+                  stop_after: int | None) -> dict:
+    from mathlm.data.pipeline import train_dataset
+    from mathlm.train.metrics import RunLogger, Throughput
+
     t = cfg.train
-    tokenizer, src, evals = _data(cfg, workdir, lead, log)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    # The state first: a resume this config cannot do is refused before config.yaml or the data are touched.
     start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log)
+    if lead:
+        save_config(cfg, workdir / "config.yaml")
+    tokenizer, src, evals = _data(cfg, workdir, lead, log)
     total = n_params(setup.abstract_params)
     log(f"model: {total:,} params; mesh {dict(setup.mesh.shape)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")

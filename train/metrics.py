@@ -12,7 +12,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# soft_wrap: a pod job's log (stderr not a terminal, rich's width 80) keeps each line whole
+console = Console(stderr=True, soft_wrap=True)
 
 
 def truncate_after(path: pathlib.Path, step: int) -> None:
@@ -38,9 +39,15 @@ class RunLogger:
         self.progress = None
         if not enabled:
             return
+        # Every step appears once: rows past the restored step are dropped, and a start from step 0 (no
+        # checkpoint yet, e.g. killed before the first save) begins the log again.
         if start_step:
             truncate_after(self.path, start_step)
+        elif self.path.is_file():
+            self.path.write_text("")
         self.file = open(self.path, "a", buffering=1)
+        self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
+        show_progress = show_progress and console.is_terminal  # a bar only on a terminal; else plain lines
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(workdir / "tb"))
@@ -72,7 +79,15 @@ class RunLogger:
                      f"MFU {100 * row.get('mfu', 0):.1f}%")
             self.progress.update(self.task, completed=step, stats=stats)
         elif self.progress is None and "loss" in row:
-            self.info(f"step {step}: loss {row['loss']:.4f}")
+            self.info(self.plain_line(step, row))
+
+    def plain_line(self, step: int, row: dict) -> str:
+        """One line per logging interval for logs that are not a terminal: step, loss, tok/s, MFU, ETA."""
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done > 0 else 0.0
+        h, rem = divmod(int(eta), 3600)
+        return (f"step {step}/{self.total}  loss {row['loss']:.4f}  {row.get('tokens_per_sec', 0):,.0f} tok/s  "
+                f"MFU {100 * row.get('mfu', 0):.1f}%  ETA {h}:{rem // 60:02d}:{rem % 60:02d}")
 
     def advance(self, step: int) -> None:
         if self.progress is not None:

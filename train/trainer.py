@@ -148,6 +148,12 @@ def _model_and_state(cfg: Config, mesh, rules):
 
 # ----------------------------------------------------------------------------- 4: step
 
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point value of `tree` is finite (a reduction per leaf, fused by XLA)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def _make_step(cfg: Config, graphdef, objective, tx):
     schedule = lr_schedule(cfg.train)
     k = cfg.train.micro_batches
@@ -180,7 +186,8 @@ def _make_step(cfg: Config, graphdef, objective, tx):
         updates, new_state = tx.update(grads, opt["state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         out = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt["step"]),
-               "tokens": metrics["denom"], **{k_: v for k_, v in metrics.items() if k_ != "denom"}}
+               "tokens": metrics["denom"], **{k_: v for k_, v in metrics.items() if k_ != "denom"},
+               "finite": all_finite((new_trainable, new_state))}  # read before any save (train/loop.py)
         new_opt = {"state": new_state, "step": opt["step"] + 1, "rng": opt["rng"]}
         return new_trainable, new_opt, out
 

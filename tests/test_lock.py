@@ -1,0 +1,73 @@
+"""One trainer per workdir: train/lock.py and the CLI refusing a second trainer."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_overrides
+
+from mathlm.train.lock import LOCK_NAME, WorkdirLock, WorkdirLocked
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path):
+    with WorkdirLock(tmp_path) as first:
+        first.acquire()
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(WorkdirLocked, match=f"in use by another trainer \\(pid {os.getpid()} on "):
+            WorkdirLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()  # released on exit
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(),
+                                                  "started": "earlier"}))
+    warnings = []
+    lock = WorkdirLock(tmp_path)
+    lock.acquire(warn=warnings.append)
+    assert len(warnings) == 1 and "stale lock" in warnings[0] and "no longer running" in warnings[0]
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_another_hosts_lock_and_an_unreadable_one_are_refused(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": _dead_pid(), "started": "t"}))
+    with pytest.raises(WorkdirLocked, match="on elsewhere since t"):
+        WorkdirLock(tmp_path).acquire()  # a pid on another host cannot be checked from here
+    (tmp_path / LOCK_NAME).write_text("{not json")
+    with pytest.raises(WorkdirLocked, match="cannot be read"):
+        WorkdirLock(tmp_path).acquire()
+
+
+def test_two_trainers_on_one_workdir(corpus, tmp_path):
+    """The second `mathlm train` exits non-zero with one line naming the first; the first is not disturbed."""
+    wd = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    args = [sys.executable, "-m", "mathlm.cli.main", "train", "configs/math-tiny.yaml", "--workdir", str(wd),
+            "--no-progress", *tiny_overrides(corpus, "train.steps=400", "mesh.data=1")]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (wd / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        assert (wd / LOCK_NAME).exists(), first.stderr.read() if first.poll() is not None else "no lock"
+        config_before = (wd / "config.yaml").read_text()
+        second = subprocess.run(args[:-1] + ["train.seed=7"], env=env, capture_output=True, text=True,
+                                timeout=240)
+        assert second.returncode != 0
+        err = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and f"pid {first.pid}" in err[0] and "Traceback" not in second.stderr, err
+        assert (wd / "config.yaml").read_text() == config_before  # nothing of the second run written
+    finally:
+        first.terminate()
+        first.wait(timeout=120)
+    assert first.returncode == 0 and not (wd / LOCK_NAME).exists()
