@@ -69,5 +69,10 @@ def test_two_trainers_on_one_workdir(corpus, tmp_path):
         assert (wd / "config.yaml").read_text() == config_before  # nothing of the second run written
     finally:
         first.terminate()
-        first.wait(timeout=120)
-    assert first.returncode == 0 and not (wd / LOCK_NAME).exists()
+        _, log = first.communicate(timeout=120)
+    assert first.returncode == 0 and not (wd / LOCK_NAME).exists()  # SIGTERM: a clean save, exit 0
+    # stderr is a pipe here, as in a pod job's log: one whole plain line per logging interval
+    import re
+    plain = [line for line in log.splitlines() if line.startswith("step ")]
+    assert plain and all(re.fullmatch(r"step \d+/400  loss [\d.]+  [\d,]+ tok/s  MFU [\d.]+%  "
+                                      r"ETA \d+:\d\d:\d\d", line) for line in plain), plain[:3]

@@ -190,3 +190,14 @@ def test_activation_constraints_are_a_no_op_on_one_device():
     with sharding.activation_sharding(eight):
         spec = jax.jit(lambda a: sharding.constrain(a * 2, "batch", "embed"))(jnp.ones((8, 8))).sharding.spec
     assert spec[0] == "fsdp" and (len(spec) == 1 or spec[1] is None)  # batch over fsdp, embed left whole
+
+
+def test_a_refused_resume_writes_nothing(corpus, tmp_path):
+    """A resume this config cannot do (another model shape) fails before config.yaml or the log change."""
+    from mathlm.train.checkpoint import CheckpointError
+    wd = tmp_path / "keep"
+    _train(corpus, wd, "mesh.data=8", steps=2)
+    before = {name: (wd / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match="does not fit this config"):
+        _train(corpus, wd, "mesh.data=8", "model.d_ff=256", steps=4)
+    assert {name: (wd / name).read_text() for name in before} == before
