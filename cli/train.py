@@ -45,6 +45,9 @@ def train(
         "--topology", help="with --dry-run: compile for this TPU slice (e.g. v5e-8, v4-16, v6e-256) on this "
         "host with libtpu (the tpu extra) and report per-chip memory and whether it fits")] = None,
     slices: Annotated[int, typer.Option("--slices", help="with --topology: number of slices (multislice)")] = 1,
+    resume_from: Annotated[int | None, typer.Option(
+        "--resume-from", help="resume from this checkpoint step instead of the latest (later ones are moved "
+        "aside to checkpoints-superseded/, not deleted)")] = None,
 ):
     """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
     if topology is not None:
@@ -77,7 +80,7 @@ def train(
             return
         from mathlm.train.loop import train as run_train
         wd = workdir or pathlib.Path("runs") / config.stem
-        last = run_train(cfg, wd, show_progress=not no_progress)
+        last = run_train(cfg, wd, show_progress=not no_progress, resume_from=resume_from)
         if last.get("preempted"):
             return
         keys = ("loss", "eval/loss", "eval/ppl", "eval/bpb", "tokens_per_sec")

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from mathlm.models.sharding import path_str
 from mathlm.train import state as frozen_state
+from mathlm.train import verify
 from mathlm.train.state import CheckpointError  # noqa: F401  (the checkpoint error of every reader)
 
 
@@ -58,9 +59,12 @@ class Checkpointer:
         return self.mgr.latest_step()
 
     def save(self, step: int, params, opt: dict, data_state: dict, meta: dict) -> None:
-        """`params`: the trainable weights (all of them for a run that freezes nothing)."""
-        args = ocp.args.Composite(params=ocp.args.StandardSave(flatten(params)),
-                                  opt=ocp.args.StandardSave(flatten(opt)),
+        """`params`: the trainable weights (all of them for a run that freezes nothing). The metadata records a
+        content checksum of every item (train/verify.py), checked by `restore`."""
+        flat_params, flat_opt = flatten(params), flatten(opt)
+        meta = {**meta, "checksums": verify.checksums(flat_params, flat_opt, data_state)}
+        args = ocp.args.Composite(params=ocp.args.StandardSave(flat_params),
+                                  opt=ocp.args.StandardSave(flat_opt),
                                   data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
         self.mgr.save(step, args=args, force=True)
 
@@ -82,6 +86,10 @@ class Checkpointer:
         out = self.mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want_params),
                                                              opt=ocp.args.StandardRestore(want_opt),
                                                              data=ocp.args.JsonRestore()))
+        if out["data"] is None:
+            raise verify.CheckpointDamaged("data: the iterator state is missing")
+        verify.verify(meta.get("checksums"), out["params"], out["opt"], out["data"], where)
+        meta = {k: v for k, v in meta.items() if k != "checksums"}
         return unflatten(params_like, out["params"]), unflatten(opt_like, out["opt"]), out["data"], meta
 
     def _restore_legacy(self, step, params_like, want_params, opt_like, want_opt, where, hint):

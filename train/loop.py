@@ -19,6 +19,7 @@ import numpy as np
 from mathlm import models
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
+from mathlm.train import verify
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.eval.gates import block_of, write_results
 from mathlm.train.init_from import check_init_from, params_from_init, record_provenance
@@ -130,14 +131,56 @@ def _check_model_meta(cfg: Config, meta: dict, where: str) -> None:
                                    "or the run's own config")
 
 
-def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathlib.Path, log):
+def _restore_good(setup: Setup, checkpointer: ckpt.Checkpointer, log, resume_from: int | None):
+    """(step, (trainable, opt, data state, meta)) of the newest checkpoint that restores and verifies, or None
+    when there is none. A damaged one is reported in one line and moved aside, and the previous one is tried;
+    `resume_from` picks one step (later ones are moved aside, to checkpoints-superseded/)."""
+    directory = checkpointer.directory
+    steps = sorted(checkpointer.mgr.all_steps(), reverse=True)
+    lead = jax.process_index() == 0
+    if resume_from is not None:
+        if resume_from not in steps:
+            raise ckpt.CheckpointError(f"--resume-from {resume_from}: no such checkpoint in {directory} (have: "
+                                       f"{', '.join(map(str, sorted(steps))) or 'none'})")
+        for later in [s for s in steps if s > resume_from]:
+            if lead:
+                log(f"[yellow]checkpoint {later} moved to {verify.move_aside(directory, later, 'superseded')}")
+        checkpointer.mgr.reload()
+        steps = [resume_from]
+    for i, step in enumerate(steps):
+        try:
+            return step, checkpointer.restore(step, setup.abstract_trainable, setup.trainable_sh,
+                                              setup.abstract_opt, setup.opt_sh)
+        except verify.CheckpointDamaged as e:
+            reason = str(e)
+        except ckpt.CheckpointError:
+            raise  # it does not fit this config: a user decision, not damage
+        except Exception as e:  # orbax / tensorstore: truncated, zeroed or missing files
+            reason = verify.short_reason(e)
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        log(f"[yellow]checkpoint {step} is damaged ({reason}); "
+            + (f"falling back to {nxt}" if nxt is not None else "no earlier checkpoint"))
+        if lead:
+            verify.move_aside(directory, step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"moved-aside-{step}")
+        checkpointer.mgr.reload()
+    if steps:
+        raise ckpt.CheckpointError(f"no usable checkpoint is left in {directory} (the damaged ones are in "
+                                   f"{directory.parent / 'checkpoints-damaged'}); rerun to start again from step "
+                                   "0, or move one back and pass --resume-from STEP")
+    return None
+
+
+def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathlib.Path, log,
+                  resume_from: int | None = None):
     """(start step, trainable, frozen, opt, data-iterator state or None, checkpoint metadata)."""
     cfg = setup.cfg
-    start = checkpointer.latest_step()
-    if start is not None:
+    good = _restore_good(setup, checkpointer, log, resume_from)
+    if good is not None:
+        start, (trainable, opt, data_state, meta) = good
         where = f"{checkpointer.directory} (step {start})"
-        trainable, opt, data_state, meta = checkpointer.restore(start, setup.abstract_trainable, setup.trainable_sh,
-                                                                setup.abstract_opt, setup.opt_sh)
         if meta is None:
             frozen, records = _restore_legacy_frozen(setup, checkpointer, start, where, workdir)
         else:
@@ -297,7 +340,7 @@ def write_eval_gates(workdir: pathlib.Path, step: int, row: dict) -> None:
 
 
 def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = True,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, resume_from: int | None = None) -> dict:
     """Train (or resume) in `workdir`; returns the last logged metrics.
 
     `stop_after` ends this invocation early at that step (saving a checkpoint), as a preemption would.
@@ -313,18 +356,18 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
         check_init_from(cfg)  # a mismatch is one line, with nothing written
     with WorkdirLock(workdir, enabled=lead) as lock:
         lock.acquire(warn=lambda m: log(f"[yellow]{m}"))
-        return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after)
+        return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after, resume_from)
 
 
 def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, log, show_progress: bool,
-                  stop_after: int | None) -> dict:
+                  stop_after: int | None, resume_from: int | None) -> dict:
     from mathlm.data.pipeline import train_dataset
     from mathlm.train.metrics import RunLogger, Throughput
 
     t = cfg.train
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
     # The state first: a resume this config cannot do is refused before config.yaml or the data are touched.
-    start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log)
+    start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log, resume_from)
     if lead:
         save_config(cfg, workdir / "config.yaml")
     tokenizer, src, evals = _data(cfg, workdir, lead, log)
