@@ -26,6 +26,20 @@ def _verify(run: pathlib.Path | str, hf_dir: pathlib.Path, atol: float) -> None:
         raise typer.Exit(code=1)
 
 
+def _empty_output(out_dir: pathlib.Path, overwrite: bool) -> None:
+    """A model folder is written whole: a non-empty one is refused (no stray files from an earlier export are
+    kept beside the new ones), or with --overwrite emptied first."""
+    import shutil
+
+    from mathlm.data.sources import DataError
+    if out_dir.is_file():
+        raise DataError(f"{out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError(f"{out_dir} is not empty: pass --overwrite to replace it, or choose a new folder")
+        shutil.rmtree(out_dir)
+
+
 @app.command("to-hf", no_args_is_help=True)
 def to_hf(
     run: Annotated[str, typer.Argument(help="run folder, its checkpoints/ folder or one step folder")],
@@ -38,10 +52,13 @@ def to_hf(
                                                        "(float32)")] = 1e-4,
     peft: Annotated[bool, typer.Option("--peft", help="a LoRA run: write the adapter alone in PEFT format "
                                                       "(without it: the merged model)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT_DIR (its files are "
+                                                                "removed first)")] = False,
 ):
     """Export a causal mathlm model as LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), float32. A LoRA run
     exports merged (W + s·A·B), or with --peft its adapter alone; a stack expansion as a plain Llama."""
     with one_line_errors():
+        _empty_output(out_dir, overwrite)
         if peft:
             from mathlm.train.convert import to_peft
             to_peft(run, out_dir, log=_log)

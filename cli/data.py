@@ -25,6 +25,9 @@ def synth(
     """Generate the built-in synthetic grade-school math corpus (GSM8K format, answers checked with sympy)."""
     with one_line_errors():
         from mathlm.data import synth as synth_mod
+        from mathlm.data.sources import DataError
+        if n < 1:
+            raise DataError(f"--n must be >= 1 (problems over all splits), got {n}")
         try:
             cfg = synth_mod.SynthConfig(n=n, seed=seed, min_steps=min_steps, max_steps=max_steps,
                                         max_value=max_value)

@@ -359,3 +359,14 @@ def test_hub_style_configs_map_as_expected():
     cfg, notes = config_from_hf(mistral)
     assert cfg.max_seq_len == 32768 and any("sliding_window=4096" in n for n in notes)
     assert any("eos_token_id" in n for n in notes)
+
+
+def test_to_hf_refuses_a_non_empty_folder_and_overwrite_replaces_it(native_tok, tmp_path):
+    _mathlm_run(tmp_path / "run", native_tok)
+    out = tmp_path / "hf"
+    assert runner.invoke(app, ["to-hf", str(tmp_path / "run"), str(out)]).exit_code == 0
+    (out / "stray.bin").write_text("left by hand")
+    again = runner.invoke(app, ["to-hf", str(tmp_path / "run"), str(out)])
+    assert again.exit_code != 0 and "is not empty" in again.output and (out / "stray.bin").exists()
+    assert runner.invoke(app, ["to-hf", str(tmp_path / "run"), str(out), "--overwrite"]).exit_code == 0
+    assert not (out / "stray.bin").exists() and (out / "config.json").is_file()
