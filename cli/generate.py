@@ -46,8 +46,6 @@ def generate(
         from mathlm.data.sources import DataError, read_prompts
         from mathlm.train.eval.inference import generate_texts
 
-        if any(not p.strip() for p in prompt or []):
-            raise DataError("--prompt is empty: give the text to continue (a model needs at least one token)")
         texts = list(prompt or []) + (read_prompts(prompts_file) if prompts_file else [])
         if not texts:
             raise DataError("give --prompt TEXT or --prompts FILE")

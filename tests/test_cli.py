@@ -148,9 +148,11 @@ def test_diffusion_run_summary_says_its_eval_is_an_upper_bound(corpus, tmp_path)
     assert len(done) == 1 and "eval/loss" in done[0] and "ELBO, upper bounds" in done[0], result.output
 
 
-def test_inputs_once_accepted_silently_are_refused(tmp_path):
-    """Issue 16's three silent acceptances: an empty prompt, zero synthetic problems, a non-empty export folder."""
-    _fails_with(["generate", str(tmp_path / "run"), "--prompt", ""], "--prompt is empty")
+def test_inputs_once_accepted_silently_are_refused(tiny_run, tmp_path):
+    """Issue 16's three silent acceptances: an empty prompt (autoregressive models; a diffusion model samples
+    unconditionally from one), zero synthetic problems, a non-empty export folder."""
+    _fails_with(["generate", str(tiny_run), "--prompt", ""], "--prompt is empty")
+    _fails_with(["generate", str(tiny_run), "--prompt", "2 + 2 =", "--prompt", " "], "--prompt is empty")
     _fails_with(["data", "synth", "--out", str(tmp_path / "s"), "--n", "0"], "--n must be >= 1")
     assert not (tmp_path / "s").exists()
     full = tmp_path / "hf"

@@ -178,6 +178,10 @@ def generate_texts(checkpoint: str, prompts: Sequence[str], *, fsdp: int = 1, st
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     engine = load_engine(checkpoint, fsdp=fsdp)
+    if engine.kind == "arm" and any(not p.strip() for p in prompts):
+        # (a diffusion model samples unconditionally from an empty prompt; an autoregressive one was silently
+        # continuing from <bos> alone)
+        raise DataError("--prompt is empty: give the text to continue")
     try:
         sampling = make_sampling(engine.kind, **options)
     except ValueError as e:
