@@ -61,7 +61,8 @@ def train(
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=2) from None
         topo_mod.prepare_environment(topo)  # before jax starts
-    with one_line_errors():
+    from mathlm.train import preemption
+    with one_line_errors(), preemption.handling() as preempt:
         from mathlm.train.config import load_config
         from mathlm.train.runs import adopt_init_variant
         cfg = adopt_init_variant(load_config(config, overrides or []))
@@ -91,4 +92,9 @@ def train(
             summary += f" (eval: {label})"
         typer.echo(f"done: step {last['step']} in {wd}: {summary}")
         from mathlm.train.eval.evaluate import evaluate_after_training
-        evaluate_after_training(cfg, wd, log=typer.echo)
+        try:
+            preempt.past_last_save()  # the checkpoint is complete: a SIGTERM from here ends the command, exit 0
+            evaluate_after_training(cfg, wd, log=typer.echo)
+        except preemption.Preempted:
+            typer.echo(f"stopping: SIGTERM after the last checkpoint (step {last['step']}); the evaluation after "
+                       f"training was skipped: `mathlm eval {wd}` runs it", err=True)

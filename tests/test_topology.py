@@ -105,3 +105,46 @@ def test_the_attention_choice_keys_off_the_mesh_platform():
         assert attention_kind(cfg, 1024) == "splash" and attention_kind(cfg, 4096) == "splash"
         assert attention_kind(cfg, 160) == "xla"  # a block of 160 is not a multiple of splash's 128 lanes
         assert attention_kind(ModelConfig(attention="blocked"), 1024) == "blocked"  # a forced choice stays
+
+
+def _mesh(devs, **axes):
+    from mathlm.train.config import MeshConfig
+    from mathlm.train.runtime import make_mesh
+    return make_mesh(MeshConfig(**axes), devs)
+
+
+def test_the_mesh_follows_the_slice_topology():
+    """jax's mesh_utils lays the axes on the chips' physical grid (v4-16's 2x2x2 torus is not the listing order)
+    and, across two slices, puts the data axis over DCN: every data shard's fsdp x tensor block is inside one slice."""
+    import numpy as np
+    v4 = topology.devices(topology.parse("v4-16"))
+    mesh = _mesh(v4, data=1, fsdp=8)
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in v4)
+    assert [d.id for d in mesh.devices.flat] != [d.id for d in v4]  # not np.reshape(jax.devices())
+    two = topology.devices(topology.parse("v5e-8", slices=2))
+    mesh = _mesh(two, data=4, fsdp=4)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert all(len(set(slice_of[i].flat)) == 1 for i in range(4))  # each data row lies in one slice
+    assert set(slice_of[:2].flat) == {0} and set(slice_of[2:].flat) == {1}
+    # fsdp across the slices when asked (or when data cannot split over them)
+    for kw in ({"data": 4, "fsdp": 4, "dcn_data": 1, "dcn_fsdp": 2}, {"data": 1, "fsdp": 16}):
+        slice_of = np.vectorize(lambda d: d.slice_index)(_mesh(two, **kw).devices)
+        half = slice_of.shape[1] // 2
+        assert set(slice_of[:, :half].flat) == {0} and set(slice_of[:, half:].flat) == {1}, kw
+
+
+def test_a_mesh_that_cannot_be_laid_out_is_one_config_error():
+    from mathlm.train.config import ConfigError
+    two = topology.devices(topology.parse("v5e-8", slices=2))
+    with pytest.raises(ConfigError, match="must equal the 2 slices"):
+        _mesh(two, data=4, fsdp=4, dcn_data=2, dcn_fsdp=2)
+    import jax
+    with pytest.raises(ConfigError, match="must equal the 1 slices"):  # one process, one slice: no DCN
+        _mesh(jax.devices(), fsdp=len(jax.devices()), dcn_fsdp=2)
+
+
+def test_cpu_devices_keep_their_order():
+    import jax
+    devs = jax.devices()
+    mesh = _mesh(devs, fsdp=2, tensor=2)
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in devs]

@@ -94,6 +94,10 @@ class MeshConfig:
     data: int = -1  # -1: whatever devices remain after fsdp * tensor
     fsdp: int = 1
     tensor: int = 1
+    # Multislice (TPU slices joined by DCN): how many of the data / fsdp axis's shards lie across slices.
+    # -1: all slices on data (else on fsdp when data does not divide); their product = the number of slices.
+    dcn_data: int = -1
+    dcn_fsdp: int = 1
     rules: list[list] | None = None  # [[logical, mesh_axis or [axes] or null], ...]; None = models.sharding defaults
     distributed: str = "auto"  # "auto": initialise jax.distributed when a cluster is detected; "on"; "off"
     coordinator_address: str | None = None

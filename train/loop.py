@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import signal
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from mathlm import models
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
-from mathlm.train import verify
+from mathlm.train import preemption, verify
 from mathlm.train.config import Config, ConfigError, save_config
 from mathlm.train.eval.gates import block_of, write_results
 from mathlm.train.init_from import check_init_from, params_from_init, record_provenance
@@ -39,28 +38,6 @@ from mathlm.train.trainer import (
 
 # Model fields that may change between a checkpoint and a resumed run: how it computes, not what it is.
 RUNTIME_MODEL_FIELDS = (*RUNTIME_FIELDS, "init_from")
-
-
-class _Preemption:
-    """SIGTERM (a TPU preemption) sets a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. tests calling train() from a worker)
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 # ----------------------------------------------------------------------------- 2: state
@@ -347,20 +324,21 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     """
     from mathlm.train.metrics import console
 
-    workdir = pathlib.Path(workdir).absolute()
-    cfg = adopt_init_variant(cfg)
-    setup = build(cfg)
-    lead = jax.process_index() == 0
-    log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)
-    if cfg.model.init_from and not (workdir / "checkpoints").is_dir():
-        check_init_from(cfg)  # a mismatch is one line, with nothing written
-    with WorkdirLock(workdir, enabled=lead) as lock:
-        lock.acquire(warn=lambda m: log(f"[yellow]{m}"))
-        return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after, resume_from)
+    with preemption.handling() as preempt:  # from the start: a SIGTERM during startup also ends with exit 0
+        workdir = pathlib.Path(workdir).absolute()
+        cfg = adopt_init_variant(cfg)
+        setup = build(cfg)  # joins jax.distributed: from here its sync manager owns SIGTERM on several processes
+        lead = jax.process_index() == 0
+        log = (lambda m: console.print(m, highlight=False)) if lead else (lambda m: None)
+        if cfg.model.init_from and not (workdir / "checkpoints").is_dir():
+            check_init_from(cfg)  # a mismatch is one line, with nothing written
+        with WorkdirLock(workdir, enabled=lead) as lock:
+            lock.acquire(warn=lambda m: log(f"[yellow]{m}"))
+            return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after, resume_from, preempt)
 
 
 def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, log, show_progress: bool,
-                  stop_after: int | None, resume_from: int | None) -> dict:
+                  stop_after: int | None, resume_from: int | None, preempt: preemption.Preemption) -> dict:
     from mathlm.data.pipeline import train_dataset
     from mathlm.train.metrics import RunLogger, Throughput
 
@@ -388,44 +366,47 @@ def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, 
     metrics = _Metrics(setup, meter, checkpointer)
     last = {}
     step = start
-    with _Preemption() as preempt:
-        try:
-            meter.reset()
-            while step < t.steps:
-                local = next(it)
-                if step == start:
-                    _check_fields(setup, local)
-                trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, local))
-                if step == 0:  # the step's loss is the one before its update: the initial model's
-                    _check_start(setup, m, logger)
-                step += 1
-                metrics.add(step, m)
-                if step % t.log_every == 0 or step == t.steps:
-                    last = metrics.flush(step)
-                    logger.log(step, last)
-                else:
-                    logger.advance(step)
-                if evals and (step % t.eval_every == 0 or step == t.steps):
-                    last_eval = _run_eval(setup, eval_fn, trainable, frozen, evals)
-                    if lead:
-                        write_eval_gates(workdir, step, last_eval)
-                    logger.log(step, last_eval)
-                    last.update(last_eval)
-                    meter.reset()
-                if stop_after is not None and step >= stop_after:
-                    preempt.requested = True
-                if step % cfg.checkpoint.every_steps == 0 or step == t.steps or preempt.requested:
-                    metrics.flush(step)
-                    checkpointer.save(step, trainable, opt, it.get_state(), meta)
-                if preempt.requested:
-                    checkpointer.wait()
-                    logger.info(f"stopping: saved checkpoint at step {step}; rerun the same command to resume")
-                    break
-        finally:
-            checkpointer.close()
-            logger.close()
+    stopped = False
+    try:
+        meter.reset()
+        if start < t.steps and preempt.before_start():
+            logger.info(f"stopping: SIGTERM before the first step; nothing new to save (step {start})")
+            stopped = True
+        while step < t.steps and not stopped:
+            local = next(it)
+            if step == start:
+                _check_fields(setup, local)
+            trainable, opt, m = setup.step_fn(trainable, frozen, opt, to_global(setup, local))
+            if step == 0:  # the step's loss is the one before its update: the initial model's
+                _check_start(setup, m, logger)
+            step += 1
+            metrics.add(step, m)
+            if step % t.log_every == 0 or step == t.steps:
+                last = metrics.flush(step)
+                logger.log(step, last)
+            else:
+                logger.advance(step)
+            if evals and (step % t.eval_every == 0 or step == t.steps):
+                last_eval = _run_eval(setup, eval_fn, trainable, frozen, evals)
+                if lead:
+                    write_eval_gates(workdir, step, last_eval)
+                logger.log(step, last_eval)
+                last.update(last_eval)
+                meter.reset()
+            if stop_after is not None and step >= stop_after:
+                preempt.request()
+            stopped = preempt.stop_at(step)  # every step, on every process: the same answer everywhere
+            if step % cfg.checkpoint.every_steps == 0 or step == t.steps or stopped:
+                metrics.flush(step)
+                checkpointer.save(step, trainable, opt, it.get_state(), meta)
+            if stopped:
+                checkpointer.wait()
+                logger.info(f"stopping: saved checkpoint at step {step}; rerun the same command to resume")
+    finally:
+        checkpointer.close()
+        logger.close()
     last["step"] = step
-    last["preempted"] = preempt.requested
+    last["preempted"] = stopped or preempt.requested  # requested: a SIGTERM while the last save completed
     return last
 
 

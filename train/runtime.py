@@ -43,17 +43,53 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
     _initialized = True
 
 
+def _slices(devices: list) -> int:
+    """TPU slices among `devices` (multislice jobs join slices over the data-center network, DCN)."""
+    return len({d.slice_index for d in devices}) if hasattr(devices[0], "slice_index") else 1
+
+
+def _dcn_shape(cfg: MeshConfig, data: int, fsdp: int, granules: int) -> tuple[int, int]:
+    """(dcn_data, dcn_fsdp): how the mesh's data and fsdp axes span granules (slices, or processes when
+    asked for). Default: the slices go on `data` (only the gradient all-reduce crosses DCN), else on `fsdp`."""
+    dcn_fsdp = cfg.dcn_fsdp
+    if cfg.dcn_data != -1:
+        dcn_data = cfg.dcn_data
+    elif dcn_fsdp == 1 and data % granules != 0 and fsdp % granules == 0:
+        dcn_data, dcn_fsdp = 1, granules
+    else:
+        dcn_data = granules // max(dcn_fsdp, 1)
+    if dcn_data * dcn_fsdp != granules or data % max(dcn_data, 1) or fsdp % max(dcn_fsdp, 1):
+        raise ConfigError(f"mesh.dcn_data={dcn_data} x mesh.dcn_fsdp={dcn_fsdp} must equal the {granules} slices "
+                          f"and divide mesh data={data} and fsdp={fsdp}")
+    return dcn_data, dcn_fsdp
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: every device of the run; a TPU topology's devices
-    for a compile-only dry run)."""
-    devices = jax.devices() if devices is None else devices
+    for a compile-only dry run), laid out on the physical topology by jax's mesh_utils: ICI rings/tori within a
+    slice, and `mesh.dcn_data` / `mesh.dcn_fsdp` of the data and fsdp axes across slices. On CPU and GPU within
+    one slice the order is jax.devices()', as before (numerics unchanged)."""
+    from jax.experimental import mesh_utils
+    devices = jax.devices() if devices is None else list(devices)
     n = len(devices)
     fsdp, tensor = cfg.fsdp, cfg.tensor
     data = cfg.data if cfg.data != -1 else n // max(fsdp * tensor, 1)
     if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != n:
         raise ConfigError(f"mesh data={cfg.data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
                           f"does not match the {n} available devices")
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+    slices = _slices(devices)
+    asked = cfg.dcn_data not in (-1, 1) or cfg.dcn_fsdp != 1
+    if slices == 1 and not asked:
+        grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices, allow_split_physical_axes=True)
+        return Mesh(grid, ("data", "fsdp", "tensor"))
+    # Several slices, or DCN axes asked for across processes (multi-node GPU: each process a granule).
+    by_process = slices == 1
+    granules = len({d.process_index for d in devices}) if by_process else slices
+    dcn_data, dcn_fsdp = _dcn_shape(cfg, data, fsdp, granules)
+    grid = mesh_utils.create_hybrid_device_mesh((data // dcn_data, fsdp // dcn_fsdp, tensor), (dcn_data, dcn_fsdp, 1),
+                                                devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, ("data", "fsdp", "tensor"))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
