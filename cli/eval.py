@@ -122,7 +122,11 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     fsdp: Annotated[int, typer.Option("--fsdp", help="shard weights over this many devices (default: "
                                                      "replicate)")] = 1,
-    out: Annotated[pathlib.Path | None, typer.Option("--out", help="output folder (default: RUN/eval/TASK)")] = None,
+    out: Annotated[pathlib.Path | None, typer.Option("--out", help="output folder (default: RUN/eval/TASK, or "
+                                                   "RUN/eval/TASK/SETTINGS for non-default settings, e.g. "
+                                                   "limit50-shots8)")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an evaluation already in that folder")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
 ):
     """Generate and grade: writes summary.json, samples.jsonl (and coverage.png with --samples > 1)."""
@@ -132,7 +136,7 @@ def run(
 
         request = EvalRequest(task, data, shots, style, str(exemplars) if exemplars else None, samples, temperature,
                               top_k, top_p, max_new_tokens, limit, seed, batch_size, _ks(k), steps, guidance, unmask)
-        job = EvalJob(checkpoint, request, mc_samples=mc_samples, fsdp=fsdp, out=out)
+        job = EvalJob(checkpoint, request, mc_samples=mc_samples, fsdp=fsdp, out=out, overwrite=overwrite)
         with _progress_bar(task, disable=no_progress) as update:
             summary, folder = run_eval(job, progress=update)
         _report(summary, folder)

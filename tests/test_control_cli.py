@@ -149,7 +149,7 @@ def test_eval_reads_the_structure_from_the_checkpoint_and_writes_the_gates(train
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     before = json.loads((wd / "evaluation_results.json").read_text())["eval_avg_interp_weights"]
     _ok(["eval", "run", wd, "--task", "synth", "--limit", "2", "-n", "4", "--batch-size", "2", "--no-progress"])
-    summary = json.loads((wd / "eval" / "synth" / "summary.json").read_text())
+    summary = json.loads((wd / "eval" / "synth" / "limit2-n4" / "summary.json").read_text())
     after = json.loads((wd / "evaluation_results.json").read_text())
     assert summary["eval_avg_interp_weights"] == after["eval_avg_interp_weights"]
     assert set(after["eval_avg_interp_weights"]) == {"1", "3"}

@@ -155,3 +155,26 @@ def test_eval_task_file_with_missing_field_names_field_and_line(tiny_run, tmp_pa
     data.write_text(json.dumps(GSM8K_LINES[0]) + "\n" + json.dumps({"question": "x"}) + "\n")
     r = CliRunner().invoke(app, ["eval", str(tiny_run), "--task", "gsm8k", "--data", str(data), "--no-progress"])
     assert r.exit_code == 2 and "answer" in r.output and f"{data}:2" in r.output, r.output
+
+
+def test_eval_never_replaces_an_evaluation_silently(tiny_run, tmp_path):
+    """`--limit 50` went into RUN/eval/TASK and replaced training's full evaluation there. Settings away from the
+    defaults get their own folder, and an existing evaluation is refused without --overwrite."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    full = run / "eval" / "synth" / "summary.json"
+    full.parent.mkdir(parents=True)
+    full.write_text('{"n": 1057}')  # as training's evaluation left it
+    args = ["eval", str(run), "--task", "synth", "--limit", "3", "-n", "4", "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert full.read_text() == '{"n": 1057}'
+    mine = run / "eval" / "synth" / "limit3-n4" / "summary.json"
+    assert json.loads(mine.read_text())["n"] == 3
+    before = mine.stat().st_mtime_ns
+    r = CliRunner().invoke(app, args)  # the same again: refused in one line, nothing touched
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "already holds an evaluation" in r.output, r.output
+    assert "--overwrite" in r.output and mine.stat().st_mtime_ns == before
+    r = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0 and mine.stat().st_mtime_ns != before, r.output

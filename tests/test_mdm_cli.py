@@ -145,7 +145,8 @@ def test_perplexity_skips_empty_documents_and_one_mc_sample_has_no_standard_erro
         r = _run("eval", run, "--task", "perplexity", "--data", only, "--no-progress")
         assert r.exit_code == 2 and "every document is empty" in r.output and "Traceback" not in r.output, r.output
         extra = ["--mc-samples", "1"] if run == mdm_run else []
-        r = _run("eval", run, "--task", "perplexity", "--data", data, *extra, "--out", tmp_path / "p", "--no-progress")
+        r = _run("eval", run, "--task", "perplexity", "--data", data, *extra, "--out", tmp_path / "p", "--overwrite",
+                 "--no-progress")
         assert r.exit_code == 0, r.output
         m = json.loads((tmp_path / "p" / "summary.json").read_text())["metrics"]
         assert m["documents"] == 1 and m["empty_documents_skipped"] == 1 and m["token_perplexity"] > 1

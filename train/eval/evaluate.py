@@ -232,6 +232,7 @@ def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, 
     import jax
 
     from mathlm.train.eval.inference import load_engine
+    from mathlm.train.eval.run import output_folder
     if not cfg.eval.tasks:
         return {}
     if jax.process_count() > 1:  # the decode loop reads results on the host: one process sees all of them
@@ -244,12 +245,13 @@ def evaluate_after_training(cfg, workdir: pathlib.Path, log=print) -> dict[str, 
                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                           steps=cfg.eval.steps if engine.kind == "mdm" else None)
         try:
-            summary = evaluate(engine, req, workdir / "eval" / task)
+            folder = output_folder(workdir, req)  # training's own evaluation: rewritten with the run
+            summary = evaluate(engine, req, folder)
         except DataError as e:  # training itself succeeded; say why its evaluation could not run
             log(f"eval {task}: not run: {e}")
             continue
         m = summary["metrics"]
         log(f"eval {task}: accuracy {m['accuracy']:.2%} on {summary['n']} problems "
-            f"({summary['throughput']['problems_per_sec']:.1f} problems/s) -> {workdir / 'eval' / task}")
+            f"({summary['throughput']['problems_per_sec']:.1f} problems/s) -> {folder}")
         results[task] = summary
     return results

@@ -29,7 +29,38 @@ class EvalJob:
     request: EvalRequest
     mc_samples: int | None = None  # masked diffusion perplexity only (None = MC_SAMPLES)
     fsdp: int = 1
-    out: pathlib.Path | None = None  # None: RUN/eval/TASK
+    out: pathlib.Path | None = None  # None: RUN/eval/TASK, or RUN/eval/TASK/<settings> (output_folder)
+    overwrite: bool = False  # replace an existing evaluation in that folder
+
+
+def _num(x) -> str:
+    return f"{x:g}"
+
+
+def settings_tag(req: EvalRequest) -> str:
+    """The settings a request sets away from the defaults, as a folder name (`limit50-shots8-t0.7`); "" for none.
+    So `--limit 50` never lands on the full evaluation that training wrote to RUN/eval/TASK."""
+    parts = [(pathlib.Path(req.data or "").stem, req.task == "perplexity" and req.data),  # which text it scored
+             (f"limit{req.limit}", req.limit is not None), (f"shots{req.shots}", bool(req.shots)),
+             (f"style-{req.style}", req.style), (f"exemplars-{pathlib.Path(req.exemplars or '').stem}", req.exemplars),
+             (f"samples{req.samples}", req.samples != 1), (f"t{_num(req.temperature)}", req.temperature != 0),
+             (f"topk{req.top_k}", req.top_k is not None), (f"topp{_num(req.top_p or 0)}", req.top_p is not None),
+             (f"n{req.max_new_tokens}", req.max_new_tokens != 256), (f"steps{req.steps}", req.steps is not None),
+             (f"cfg{_num(req.guidance or 0)}", req.guidance is not None), (f"unmask-{req.unmask}", req.unmask),
+             (f"seed{req.seed}", req.seed != 0)]
+    return "-".join(name for name, given in parts if given)
+
+
+def output_folder(run_dir: pathlib.Path, req: EvalRequest) -> pathlib.Path:
+    tag = settings_tag(req)
+    return run_dir / "eval" / req.task / tag if tag else run_dir / "eval" / req.task
+
+
+def check_folder(folder: pathlib.Path, overwrite: bool) -> None:
+    """An evaluation already in `folder` is kept unless --overwrite: a rerun never replaces one silently."""
+    if (folder / "summary.json").exists() and not overwrite:
+        raise DataError(f"{folder} already holds an evaluation (summary.json); pass --overwrite to replace it, "
+                        "or --out DIR")
 
 
 def _generation_flags_given(req: EvalRequest) -> list[str]:
@@ -92,11 +123,13 @@ def run_eval(job: EvalJob, progress: Callable[[int, int | None], None] | None = 
     batch."""
     from mathlm.train.eval.evaluate import evaluate
     from mathlm.train.eval.inference import load_engine
+    from mathlm.train.runs import run_dir_of
     check_job(job)
+    folder = job.out or output_folder(run_dir_of(job.checkpoint), job.request)
+    check_folder(folder, job.overwrite)  # before the model loads: nothing is read or written for a refusal
     engine = load_engine(job.checkpoint, fsdp=job.fsdp)
     if progress:
         progress(0, None)
-    folder = job.out or engine.run.run_dir / "eval" / job.request.task
     if job.request.task == "perplexity":
         summary = _perplexity(engine, job, folder, progress)
         texts = [e.text for e in read_examples([job.request.data])][: job.request.limit]
