@@ -3,6 +3,8 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CPU MFU peak is measured once per machine and cached (train/runtime.py): here once per test session.
+os.environ.setdefault("MATHLM_CACHE", __import__("tempfile").mkdtemp(prefix="mathlm-cache-"))
 
 import json
 import pathlib

@@ -198,12 +198,14 @@ def _byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
                        else len(tokenizer.hf.id_to_token(i)) for i in range(vocab_size)])
 
 
-def _peak_flops(cfg: Config) -> float:
-    from mathlm.train.runtime import measured_matmul_peak, peak_flops_per_device
+def _peak_flops(cfg: Config, log) -> float:
+    """The whole run's peak FLOP/s for MFU: train.peak_flops, else the accelerator's dense peak, else (CPU) this
+    machine's matmul peak, measured once and cached (train/runtime.py cached_cpu_peak)."""
+    from mathlm.train.runtime import cached_cpu_peak, peak_flops_per_device
     if cfg.train.peak_flops:
         return cfg.train.peak_flops
     if jax.devices()[0].platform == "cpu":  # all host cores drive one XLA CPU client per process
-        return measured_matmul_peak() * jax.process_count()
+        return cached_cpu_peak(log) * jax.process_count()
     return peak_flops_per_device() * jax.device_count()
 
 
@@ -237,6 +239,7 @@ class _Metrics:
 
     def __init__(self, setup: Setup, meter, checkpointer):
         self.setup, self.meter, self.checkpointer, self.pending = setup, meter, checkpointer, []
+        self.uncounted = 0  # steps of the pending interval left out of tok/s (the first one: compilation)
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -267,7 +270,8 @@ class _Metrics:
         per_step = t.batch_size * self.setup.spec.rows_per_example * t.seq_len  # a pair is 2 rows
         row["tokens_seen"] = float(step) * per_step
         row["flops_6nd"] = flops_6nd(cfg.model, row["tokens_seen"])
-        row.update(self.meter.interval(len(fetched) * per_step))
+        row.update(self.meter.interval((len(fetched) - self.uncounted) * per_step))
+        self.uncounted = 0
         row["loss_tokens"] = sum(float(x["tokens"]) for x in fetched)
         self.pending = []
         return row
@@ -362,7 +366,7 @@ def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, 
         it.set_state(data_state)
     eval_fn = make_eval_fn(setup, _byte_lengths(tokenizer, cfg.model.vocab_size))
     logger = RunLogger(workdir, t.steps, enabled=lead, start_step=start, show_progress=show_progress)
-    meter = Throughput(model_flops_per_token(setup), _peak_flops(cfg))
+    meter = Throughput(model_flops_per_token(setup), _peak_flops(cfg, log))
     metrics = _Metrics(setup, meter, checkpointer)
     last = {}
     step = start
@@ -381,6 +385,10 @@ def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, 
                 _check_start(setup, m, logger)
             step += 1
             metrics.add(step, m)
+            if step == start + 1 and t.log_every > 1:  # its time is compilation: the interval starts after it
+                jax.block_until_ready(m["loss"])
+                meter.reset()
+                metrics.uncounted = 1
             if step % t.log_every == 0 or step == t.steps:
                 last = metrics.flush(step)
                 logger.log(step, last)
