@@ -33,7 +33,7 @@ def synth(
                                         max_value=max_value)
             splits = synth_mod.generate(cfg)
         except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
+            raise DataError(str(e)) from None
         paths = synth_mod.write_jsonl(splits, out)
         for split, path in paths.items():
             typer.echo(f"{split:10s} {len(splits[split]):7d} problems -> {path}")
@@ -65,10 +65,10 @@ def train_tok(
 ):
     """Train a byte-level BPE tokenizer (digits split one per token) and save it as tokenizer.json."""
     with one_line_errors():
-        from mathlm.data.sources import read_examples
+        from mathlm.data.sources import DataError, read_examples
         from mathlm.data.tokenizer import train_tokenizer
         if vocab_size < 260:
-            raise typer.BadParameter("--vocab-size must be at least 260 (256 bytes + specials)")
+            raise DataError(f"--vocab-size must be at least 260 (256 bytes + specials), got {vocab_size}")
         texts = (ex.text for ex in itertools.islice(read_examples(files), max_examples))
         tok = train_tokenizer(texts, vocab_size)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mathlm.train.checkpoint import CheckpointError
     from mathlm.train.config import ConfigError
     from mathlm.train.expansion import ExpansionError
-    from mathlm.train.lock import WorkdirLocked
+    from mathlm.train.lock import WorkdirLocked, WorkdirUnwritable
     from mathlm.train.topology import TopologyError
     from mathlm.train.trainer import TrainingError
     return (ConfigError, DataError, CheckpointError, TrainingError, ExpandError, ExpansionError, TopologyError,
-            WorkdirLocked, FileNotFoundError)
+            WorkdirLocked, WorkdirUnwritable, FileNotFoundError)
 
 
 @contextlib.contextmanager

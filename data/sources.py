@@ -6,9 +6,10 @@ Preference data (`data.format: pref`) is JSONL (or hf:) records with `prompt`, `
 record yields two examples, (prompt, chosen) then (prompt, rejected), texts used verbatim (no chat template).
 
 The one home of two things every reader shares: `read_jsonl_records` (JSON objects, one a line, errors naming
-file:line; task files, exemplar files, saved completions and prompt files are read through it) and the
-`hf:NAME[:CONFIG][:SPLIT]` grammar (`parse_hf`, `load_hf`), whose default split is the caller's: `train` for
-training data, `test` for evaluation tasks. `read_prompts` reads `mathlm generate --prompts` files.
+file:line, and for bytes that are not UTF-8 also the byte offset: `not_utf8`, behind `read_utf8` too; task files,
+exemplar files, saved completions and prompt files are read through it) and the `hf:NAME[:CONFIG][:SPLIT]`
+grammar (`parse_hf`, `load_hf`), whose default split is the caller's: `train` for training data, `test` for
+evaluation tasks. `read_prompts` reads `mathlm generate --prompts` files.
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def expand(patterns: list[str]) -> list[str]:
     return out
 
 
+def cannot_write(folder: str | pathlib.Path, e: OSError) -> str:
+    """One line for a folder that cannot be created or written: read-only, or a path that runs through a file."""
+    folder = pathlib.Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
+    return f"cannot write to {folder}: {why}"
+
+
 def _from_record(rec: dict, where: str) -> Example:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object")
@@ -79,23 +88,55 @@ def _pair_from_record(rec: dict, where: str) -> tuple[Example, Example]:
     return Example(rec["prompt"], rec["chosen"]), Example(rec["prompt"], rec["rejected"])
 
 
+def not_utf8(path: str | pathlib.Path) -> DataError:
+    """The DataError for a file that is not UTF-8 text, naming the file, the line and the byte offset of its first
+    bad byte (text-mode reads only say "position N" of some internal chunk, so the file is scanned again)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):  # b"\n" never occurs inside a multi-byte UTF-8 sequence
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at byte offset "
+                                 f"{offset + e.start} of the file, column {e.start + 1} of the line); re-encode "
+                                 "it as UTF-8")
+            offset += len(line)
+    return DataError(f"{path}: not UTF-8 text; re-encode it as UTF-8")
+
+
+def _lines(path: str | pathlib.Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (universal newlines); DataError from `not_utf8` on a bad byte."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+
+
+def read_utf8(path: str | pathlib.Path) -> str:
+    """A whole UTF-8 text file; DataError from `not_utf8` on a bad byte."""
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
 def read_jsonl_records(path: str | pathlib.Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of a JSONL file, where = "path:line". DataError (one line, naming
-    file:line) for a missing file, malformed JSON or a line that is not a JSON object."""
+    file:line) for a missing file, bytes that are not UTF-8, malformed JSON or a line that is not a JSON object."""
     if not pathlib.Path(path).is_file():
         raise DataError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            yield where, rec
+    for lineno, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        yield where, rec
 
 
 def read_jsonl(path: str) -> Iterator[Example]:
@@ -110,7 +151,7 @@ def read_prompts(path: str | pathlib.Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"prompts file not found: {path}")
     if path.suffix != ".jsonl":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line for line in read_utf8(path).splitlines() if line.strip()]
     prompts = []
     for where, rec in read_jsonl_records(path):
         if "prompt" in rec:
@@ -125,13 +166,12 @@ def read_prompts(path: str | pathlib.Path) -> list[str]:
 def read_text(path: str) -> Iterator[Example]:
     """A plain-text file: documents separated by blank lines."""
     doc: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                doc.append(line)
-            elif doc:
-                yield Example("", "".join(doc).rstrip("\n"))
-                doc = []
+    for line in _lines(path):
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            yield Example("", "".join(doc).rstrip("\n"))
+            doc = []
     if doc:
         yield Example("", "".join(doc).rstrip("\n"))
 

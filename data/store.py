@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 import tensorstore as ts
 
-from mathlm.data.sources import DataError, Example
+from mathlm.data.sources import DataError, Example, cannot_write
 from mathlm.data.tokenizer import Tokenizer
 
 CHUNK = 1 << 20  # tokens per zarr chunk
@@ -81,16 +81,20 @@ def write_store(url: str, examples: Iterable[Example], tok: Tokenizer, batch: in
         raise DataError("no examples to write")
     all_tokens = np.concatenate(tokens)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if pairs and len(lengths) % 2:  # before anything is written
+        raise DataError("preference pairs: an odd number of documents")
     if _is_local(url):
-        pathlib.Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        folder = pathlib.Path(url.removeprefix("file://"))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(cannot_write(folder, e)) from None
     for sub, arr in (("tokens", all_tokens), ("doc_offsets", offsets),
                      ("prompt_lens", np.asarray(prompt_lens, np.int32))):
         _open(url, sub, create=True, dtype=ts.dtype(arr.dtype.name), shape=arr.shape).write(arr).result()
     meta = {"n_tokens": int(all_tokens.size), "n_docs": len(lengths), "tokenizer": tokenizer_fingerprint(tok),
             "vocab_size": tok.vocab_size, "format": "mathlm-tokens-v1"}
     if pairs:
-        if len(lengths) % 2:
-            raise DataError("preference pairs: an odd number of documents")
         meta["pairs"] = True
     meta_store = ts.KvStore.open(_kvstore(url, "").rstrip("/") + "/").result()
     meta_store.write("meta.json", json.dumps(meta, indent=1).encode()).result()

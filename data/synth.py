@@ -22,6 +22,8 @@ import re
 
 import sympy
 
+from mathlm.data.sources import DataError, cannot_write
+
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 # One "a op b = c" equation; the lookarounds stop it matching inside longer numbers or decimals.
 _EQ_RE = re.compile(r"(?<![\d.])(\d+) ([-+*/]) (\d+) = (\d+)(?!\d|\.\d)")
@@ -399,7 +401,10 @@ def generate(cfg: SynthConfig) -> dict[str, list[dict]]:
 def write_jsonl(splits: dict[str, list[dict]], out_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """Write <out_dir>/<split>.jsonl for each split; returns the paths."""
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(cannot_write(out, e)) from None
     paths = {}
     for name, records in splits.items():
         paths[name] = out / f"{name}.jsonl"

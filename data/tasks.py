@@ -31,7 +31,7 @@ import pathlib
 from collections.abc import Iterable, Iterator
 
 from mathlm.data import answers
-from mathlm.data.sources import DataError, qa_prompt, read_jsonl_records
+from mathlm.data.sources import DataError, qa_prompt, read_jsonl_records, read_utf8
 
 EXEMPLAR_DIR = pathlib.Path(__file__).parent / "exemplars"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -149,7 +149,7 @@ def load_exemplars(path: str | pathlib.Path) -> list[tuple[str, str]]:
     """(question, worked answer) pairs from a JSON object with `exemplars`, a JSON list, or JSONL."""
     path = pathlib.Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
     except OSError as e:
         raise DataError(f"exemplar file not found: {path} ({e.strerror})") from None
     try:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mathlm.data.sources import DataError
+
 PAD, BOS, EOS, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>"
 ROLES = ("pad", "bos", "eos", "mask")
 # Files that name special-token roles, most authoritative first: token texts in the first two, ids in the others.
@@ -83,16 +85,23 @@ class Tokenizer:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer not found: {p}")
-        hf = HFTokenizer.from_file(str(p))
-        if all(hf.token_to_id(t) is not None for t in (PAD, BOS, EOS, MASK)):
-            return cls(hf)
-        special = special_roles(p.parent, hf)
-        if not special.get("eos"):
-            missing = [t for t in (PAD, BOS, EOS, MASK) if hf.token_to_id(t) is None]
-            raise ValueError(f"tokenizer lacks special tokens {missing} and no tokenizer_config.json next to it "
-                             "names an eos token; train one with `mathlm tokenizer train` or import a Hugging Face "
-                             "model with `mathlm convert from-hf`")
-        return cls(hf, special)
+        try:
+            hf = HFTokenizer.from_file(str(p))
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for every bad file
+            first = (str(e).splitlines() or [""])[0]
+            raise DataError(f"{p}: not a tokenizer.json ({first}); train one with `mathlm tokenizer train`") from None
+        try:
+            if all(hf.token_to_id(t) is not None for t in (PAD, BOS, EOS, MASK)):
+                return cls(hf)
+            special = special_roles(p.parent, hf)
+            if not special.get("eos"):
+                missing = [t for t in (PAD, BOS, EOS, MASK) if hf.token_to_id(t) is None]
+                raise ValueError(f"tokenizer lacks special tokens {missing} and no tokenizer_config.json next to "
+                                 "it names an eos token; train one with `mathlm tokenizer train` or import a Hugging "
+                                 "Face model with `mathlm convert from-hf`")
+            return cls(hf, special)
+        except ValueError as e:  # the checks of __init__ too: one line naming the file
+            raise DataError(f"{p}: {e}") from None
 
 
 def _token_text(value) -> str | None:

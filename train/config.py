@@ -13,6 +13,7 @@ import typing
 
 import yaml
 
+from mathlm.data.sources import DataError, read_utf8
 from mathlm.models import variants
 from mathlm.models.expand import NAME as EXPAND
 from mathlm.models.expand import ExpandOptions
@@ -233,6 +234,11 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _yaml_kind(value) -> str:
+    kind = {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return kind.get(type(value), type(value).__name__)
+
+
 def read_raw(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> dict:
     """A YAML config file (or nothing) with dotted overrides applied, as a plain dict; ConfigError names the file."""
     raw: dict = {}
@@ -241,9 +247,16 @@ def read_raw(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(read_utf8(p))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, train:, ...) at the top level, "
+                              f"got {_yaml_kind(raw)}")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
