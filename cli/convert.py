@@ -31,7 +31,8 @@ def _empty_output(out_dir: pathlib.Path, overwrite: bool) -> None:
     kept beside the new ones), or with --overwrite emptied first."""
     import shutil
 
-    from mathlm.data.sources import DataError
+    from mathlm.data.sources import DataError, check_writable
+    check_writable(out_dir)
     if out_dir.is_file():
         raise DataError(f"{out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -86,7 +87,9 @@ def from_hf(
 ):
     """Import a Llama, Mistral or Qwen2 checkpoint (safetensors) as a mathlm run, usable by train/generate/eval."""
     with one_line_errors():
+        from mathlm.data.sources import check_writable
         from mathlm.train.convert import from_hf as import_hf
+        check_writable(out_ckpt)
         if verify:
             from mathlm.train.convert import require_hf_runtime
             require_hf_runtime()
@@ -118,8 +121,10 @@ def expand(
     docs/control-llm.md). OUT is an ordinary run folder for generate, eval, train (model.init_from) and, for
     stack, to-hf."""
     with one_line_errors():
+        from mathlm.data.sources import check_writable
         from mathlm.models.expand import ExpandError, ExpandOptions
         from mathlm.train.expansion import expand_run
+        check_writable(out_dir)
         try:
             gate = None if gate_init.lower() in ("null", "none") else float(gate_init)
         except ValueError:
@@ -140,6 +145,8 @@ def merge_back(
     """Merge each site's two blocks into one in weight space (an approximation) and report max |Δlogit|, the
     per-token KL and the next-token accuracy change against the unmerged model."""
     with one_line_errors():
+        from mathlm.data.sources import check_writable
         from mathlm.train.expansion import format_merge_report, merge_back_run
+        check_writable(out_dir)
         report = merge_back_run(run, out_dir, data, log=_log)
         typer.echo(format_merge_report(report))

@@ -25,9 +25,10 @@ def synth(
     """Generate the built-in synthetic grade-school math corpus (GSM8K format, answers checked with sympy)."""
     with one_line_errors():
         from mathlm.data import synth as synth_mod
-        from mathlm.data.sources import DataError
+        from mathlm.data.sources import DataError, check_writable
         if n < 1:
             raise DataError(f"--n must be >= 1 (problems over all splits), got {n}")
+        check_writable(out)
         try:
             cfg = synth_mod.SynthConfig(n=n, seed=seed, min_steps=min_steps, max_steps=max_steps,
                                         max_value=max_value)
@@ -47,9 +48,11 @@ def prepare(
 ):
     """Tokenize text into a tensorstore token store that `mathlm train` reads (data.train=STORE)."""
     with one_line_errors():
-        from mathlm.data.sources import read_examples
+        from mathlm.data.sources import check_writable, read_examples
         from mathlm.data.store import write_store
         from mathlm.data.tokenizer import Tokenizer
+        if "://" not in out or out.startswith("file://"):
+            check_writable(out.removeprefix("file://"))  # before tokenizing
         meta = write_store(out, read_examples(files), Tokenizer.load(tokenizer))
         typer.echo(f"{meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens -> {out}")
 
@@ -65,10 +68,13 @@ def train_tok(
 ):
     """Train a byte-level BPE tokenizer (digits split one per token) and save it as tokenizer.json."""
     with one_line_errors():
-        from mathlm.data.sources import DataError, read_examples
+        from mathlm.data.sources import DataError, check_writable, read_examples
         from mathlm.data.tokenizer import train_tokenizer
         if vocab_size < 260:
             raise DataError(f"--vocab-size must be at least 260 (256 bytes + specials), got {vocab_size}")
+        if out.is_dir():
+            raise DataError(f"--out {out} is a folder; give the file to write, e.g. {out / 'tokenizer.json'}")
+        check_writable(out.parent)  # before training
         texts = (ex.text for ex in itertools.islice(read_examples(files), max_examples))
         tok = train_tokenizer(texts, vocab_size)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -61,6 +62,17 @@ def cannot_write(folder: str | pathlib.Path, e: OSError) -> str:
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
     return f"cannot write to {folder}: {why}"
+
+
+def check_writable(folder: str | pathlib.Path) -> None:
+    """Refuse, before anything is read or written, an output folder that could not be created or written: one of
+    its parents is a file, or the nearest existing one is read-only (DataError "cannot write to ...")."""
+    folder = pathlib.Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write to {folder}: {existing} is read-only")
 
 
 def _from_record(rec: dict, where: str) -> Example:
