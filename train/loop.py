@@ -24,6 +24,7 @@ from mathlm.train.eval.gates import block_of, write_results
 from mathlm.train.init_from import check_init_from, params_from_init, record_provenance
 from mathlm.train.lock import WorkdirLock
 from mathlm.train.objectives import sft_pad_is_eos
+from mathlm.train.paths import is_remote
 from mathlm.train.runs import RUNTIME_FIELDS, adopt_init_variant
 from mathlm.train.runtime import flops_6nd
 from mathlm.train.state import FrozenSourceError, combine, n_params, source_record
@@ -328,6 +329,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     """
     from mathlm.train.metrics import console
 
+    if is_remote(workdir):  # the path layer (train/paths.py) covers the log and checkpoints, not yet the data
+        raise ConfigError(f"--workdir {workdir}: remote run folders are not supported yet (the data preparation and "
+                          "frozen-weight records write local files); use a folder every host sees, e.g. a GCS FUSE "
+                          "mount such as /mnt/bucket/run")
     with preemption.handling() as preempt:  # from the start: a SIGTERM during startup also ends with exit 0
         workdir = pathlib.Path(workdir).absolute()
         cfg = adopt_init_variant(cfg)

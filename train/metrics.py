@@ -12,6 +12,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mathlm.train.paths import LineLog, is_remote, run_path
+
 # soft_wrap: a pod job's log (stderr not a terminal, rich's width 80) keeps each line whole
 console = Console(stderr=True, soft_wrap=True)
 
@@ -34,6 +36,7 @@ class RunLogger:
     def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True, start_step: int = 0,
                  show_progress: bool = True):
         self.enabled = enabled
+        workdir = run_path(workdir)
         self.path = workdir / "metrics.jsonl"
         self.tb = None
         self.progress = None
@@ -45,12 +48,12 @@ class RunLogger:
             truncate_after(self.path, start_step)
         elif self.path.is_file():
             self.path.write_text("")
-        self.file = open(self.path, "a", buffering=1)
+        self.file = LineLog(self.path)
         self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
         show_progress = show_progress and console.is_terminal  # a bar only on a terminal; else plain lines
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.tb = None if is_remote(workdir) else SummaryWriter(str(workdir / "tb"))  # local runs only
         except ImportError:  # optional
             self.tb = None
         if show_progress:

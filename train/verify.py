@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mathlm.train.paths import move, run_path
 from mathlm.train.state import CheckpointError
 
 
@@ -75,13 +75,14 @@ def verify(recorded: dict | None, flat_params: dict, flat_opt: dict, data_state,
 
 def move_aside(directory: pathlib.Path, step: int, why: str = "damaged") -> pathlib.Path:
     """Move one step folder out of the checkpoint manager's sight, to <workdir>/checkpoints-<why>/<step>[.n]."""
-    src = pathlib.Path(directory) / str(step)
-    dest_root = pathlib.Path(directory).parent / f"checkpoints-{why}"
+    directory = run_path(directory)
+    src = directory / str(step)
+    dest_root = directory.parent / f"checkpoints-{why}"
     dest_root.mkdir(parents=True, exist_ok=True)
     dest, n = dest_root / str(step), 1
     while dest.exists():
         dest, n = dest_root / f"{step}.{n}", n + 1
-    shutil.move(str(src), str(dest))
+    move(src, dest)
     return dest
 
 
