@@ -36,7 +36,8 @@ def _ks(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"--k takes comma-separated integers, got {text!r}") from None
+        from mathlm.data.sources import DataError
+        raise DataError(f"--k takes comma-separated integers, got {text!r}") from None
 
 
 def _table(rows: list[tuple[str, str]], title: str) -> None:
@@ -70,7 +71,8 @@ def _progress_bar(description: str, disable: bool):
     try:
         yield update
     finally:
-        progress.stop()
+        if bar is not None:  # a stopped bar that never started still writes a blank line to stderr
+            progress.stop()
 
 
 def _report(summary: dict, folder: pathlib.Path) -> None:

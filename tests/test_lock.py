@@ -58,7 +58,10 @@ def test_two_trainers_on_one_workdir(corpus, tmp_path):
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
-        while not (wd / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+        def stepping():  # a step is logged: the first trainer is in its loop (compiled, MFU peak known)
+            path = wd / "metrics.jsonl"
+            return path.exists() and '"loss"' in path.read_text()
+        while not stepping() and time.time() < deadline and first.poll() is None:
             time.sleep(0.5)
         assert (wd / LOCK_NAME).exists(), first.stderr.read() if first.poll() is not None else "no lock"
         config_before = (wd / "config.yaml").read_text()

@@ -91,11 +91,11 @@ def _store_for(paths: list[str], fmt: str, tok: Tokenizer, cache: pathlib.Path, 
     ).encode()).hexdigest()[:12]
     url = cache / sig
     if jax.process_index() == 0 and not (url / "meta.json").is_file():
-        log(f"tokenizing {len(files)} file(s) -> {url}")
         if url.exists():
             shutil.rmtree(url)
+        # logged after the store is written: a mistake in a file is then the one line on stderr
         meta = write_store(str(url), read_examples(files, fmt), tok, pairs=fmt == "pref")
-        log(f"  {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
+        log(f"tokenized {len(files)} file(s) -> {url}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
     _barrier(f"store-{sig}")
     return str(url)
 
@@ -113,9 +113,19 @@ def prepare_run_data(cfg: Config, workdir: pathlib.Path, log=print) -> RunData:
     tok = Tokenizer.load(tok_path)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    if jax.process_index() == 0 and tok_path != workdir / "tokenizer.json":
-        tok.save(workdir / "tokenizer.json")  # the workdir always holds the tokenizer it was trained with
     cache = workdir / "data" / "tokens"
     train_url = _store_for(train, cfg.data.format, tok, cache, log)
     val_url = _store_for(val, cfg.data.format, tok, cache, log) if val else None
+    # The workdir always holds the tokenizer it was trained with: copied once the data is read, and only when it
+    # differs (a bad data file leaves an existing run untouched).
+    mine = workdir / "tokenizer.json"
+    if jax.process_index() == 0 and tok_path != mine and not _same_tokenizer(tok, mine):
+        tok.save(mine)
     return RunData(tok, train_url, val_url)
+
+
+def _same_tokenizer(tok: Tokenizer, path: pathlib.Path) -> bool:
+    try:
+        return path.is_file() and tokenizer_fingerprint(Tokenizer.load(path)) == tokenizer_fingerprint(tok)
+    except DataError:
+        return False

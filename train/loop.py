@@ -152,8 +152,9 @@ def _restore_good(setup: Setup, checkpointer: ckpt.Checkpointer, log, resume_fro
 
 
 def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathlib.Path, log,
-                  resume_from: int | None = None):
-    """(start step, trainable, frozen, opt, data-iterator state or None, checkpoint metadata)."""
+                  resume_from: int | None = None, note=None):
+    """(start step, trainable, frozen, opt, data-iterator state or None, checkpoint metadata). `log` says what
+    happened to damaged checkpoints; `note` (default `log`) which one is resumed."""
     cfg = setup.cfg
     good = _restore_good(setup, checkpointer, log, resume_from)
     if good is not None:
@@ -164,7 +165,7 @@ def initial_state(setup: Setup, checkpointer: ckpt.Checkpointer, workdir: pathli
         else:
             _check_model_meta(cfg, meta, where)
             frozen, records = _restore_frozen(setup, meta, where, workdir), meta["frozen"]
-        log(f"resuming from step {start} (checkpoint in {checkpointer.directory})")
+        (note or log)(f"resuming from step {start} (checkpoint in {checkpointer.directory})")
         # The model section as this run computes it now (dtype, remat, attention may differ from the last save).
         keep = {"expansion": meta["expansion"]} if meta and "expansion" in meta else {}  # its expanded_from
         return start, trainable, frozen, opt, data_state, {**models.metadata(cfg.model), **keep, "frozen": records}
@@ -354,10 +355,14 @@ def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, 
     t = cfg.train
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
     # The state first: a resume this config cannot do is refused before config.yaml or the data are touched.
-    start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log, resume_from)
-    if lead:
-        save_config(cfg, workdir / "config.yaml")
+    notes: list[str] = []  # "resuming from ...", printed once the data is read: a data mistake is then one line
+    start, trainable, frozen, opt, data_state, meta = initial_state(setup, checkpointer, workdir, log, resume_from,
+                                                                    note=notes.append)
     tokenizer, src, evals = _data(cfg, workdir, lead, log)
+    for note in notes:
+        log(note)
+    if lead:  # once the data is read: a mistake there leaves an existing run's config.yaml as it was
+        save_config(cfg, workdir / "config.yaml")
     total = n_params(setup.abstract_params)
     log(f"model: {total:,} params; mesh {dict(setup.mesh.shape)}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")

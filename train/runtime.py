@@ -168,7 +168,7 @@ def peak_cache_path() -> pathlib.Path:
 
 
 def cached_cpu_peak(log=None) -> float:
-    """This machine's fp32 matmul peak, measured once (best of 50 2048^3 matmuls) and cached by processor, core
+    """This machine's fp32 matmul peak, measured once (best of 20 2048^3 matmuls) and cached by processor, core
     count and jax version: a per-run measurement moved with whatever else the host was doing (identical runs
     showed MFU 50% and 99%); a fixed peak leaves MFU to move with throughput only. `train.peak_flops` overrides."""
     path, key = peak_cache_path(), _machine_key()
@@ -178,9 +178,9 @@ def cached_cpu_peak(log=None) -> float:
         table = {}
     if isinstance(table.get(key), dict) and table[key].get("flops", 0) > 0:
         return float(table[key]["flops"])
-    flops = measured_matmul_peak("float32", 2048, 50)
+    flops = measured_matmul_peak("float32", 2048, 20)
     table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  "how": "best of 50 float32 2048x2048 matmuls on device 0"}
+                  "how": "best of 20 float32 2048x2048 matmuls on device 0"}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
