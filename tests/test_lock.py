@@ -80,3 +80,15 @@ def test_two_trainers_on_one_workdir(corpus, tmp_path):
     plain = [line for line in log.splitlines() if line.startswith("step ")]
     assert plain and all(re.fullmatch(r"step \d+/100000  loss [\d.]+  [\d,]+ tok/s  MFU [\d.]+%  "
                                       r"ETA \d+:\d\d:\d\d", line) for line in plain), plain[:3]
+
+
+def test_a_failed_start_removes_the_folder_it_made_unless_a_token_store_was_finished(tmp_path):
+    for finished in (False, True):
+        wd = tmp_path / f"new{finished}" / "run"
+        with pytest.raises(RuntimeError), WorkdirLock(wd) as lock:
+            lock.acquire()
+            (wd / "data" / "tokens" / "abc").mkdir(parents=True)
+            if finished:  # hours of tokenizing: kept for the rerun (e.g. after the first step ran out of memory)
+                (wd / "data" / "tokens" / "abc" / "meta.json").write_text("{}")
+            raise RuntimeError("the first step ran out of memory")
+        assert wd.exists() == finished and (wd.parent.exists() == finished)

@@ -46,10 +46,13 @@ def _first_missing(folder: pathlib.Path) -> pathlib.Path | None:
 
 
 def _kept_anything(workdir: pathlib.Path) -> bool:
-    """A checkpoint or a logged step: what a failed run's folder is kept for."""
+    """A checkpoint, a logged step, or a finished token store (hours of tokenizing a large corpus, kept for the
+    rerun when e.g. the first step runs out of memory): what a failed run's folder is kept for."""
     ckpts = workdir / "checkpoints"
     metrics = workdir / "metrics.jsonl"
-    return (ckpts.is_dir() and any(ckpts.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
+    stores = workdir / "data" / "tokens"
+    return ((ckpts.is_dir() and any(ckpts.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
+            or (stores.is_dir() and any(stores.glob("*/meta.json"))))
 
 
 def _alive(pid: int) -> bool:
