@@ -160,3 +160,19 @@ def test_inputs_once_accepted_silently_are_refused(tiny_run, tmp_path):
     (full / "stray.bin").write_text("from an earlier export")
     _fails_with(["convert", "to-hf", str(tmp_path / "run"), str(full)], "is not empty", "--overwrite")
     assert (full / "stray.bin").read_text() == "from an earlier export"  # nothing removed without --overwrite
+
+
+def test_the_entry_point_prints_help_and_survives_a_closed_pipe():
+    """`mathlm` is `mathlm.cli.main:main`: help with no arguments (exit 0); `mathlm --help | head -1` ends without
+    a traceback (the matching of click's exceptions must not itself fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    alone = subprocess.run([sys.executable, "-m", "mathlm.cli.main", "train"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert alone.returncode == 0 and "Usage" in alone.stdout and alone.stderr == ""
+    proc = subprocess.Popen([sys.executable, "-m", "mathlm.cli.main", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, bufsize=0)
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `head` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err, err
