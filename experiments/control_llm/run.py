@@ -368,7 +368,8 @@ def frozen_check(args) -> dict:
 
     from mathlm.data.pipeline import train_dataset
     from mathlm.train.config import load_config
-    from mathlm.train.loop import _data, _params_from_init
+    from mathlm.train.init_from import params_from_init as _params_from_init
+    from mathlm.train.loop import _data
     from mathlm.train.runs import adopt_init_variant, load_run
     from mathlm.train.state import combine
     from mathlm.train.trainer import build, to_global
