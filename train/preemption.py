@@ -67,9 +67,7 @@ class Preemption:
         """Whether to save `step` and stop; call once per step on every process."""
         if _coordinated():
             from jax.experimental import multihost_utils
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.requested = True
-            return self.requested
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def past_last_save(self) -> None:
