@@ -80,7 +80,8 @@ def train(
                 _verdict(report)
             return
         from mathlm.train.loop import train as run_train
-        wd = workdir or pathlib.Path("runs") / config.stem
+        from mathlm.train.paths import run_path
+        wd = run_path(workdir or pathlib.Path("runs") / config.stem)  # a folder, or a URI such as gs://bucket/run
         last = run_train(cfg, wd, show_progress=not no_progress, resume_from=resume_from)
         if last.get("preempted"):
             return

@@ -18,7 +18,10 @@ import glob
 import json
 import os
 import pathlib
+import re
 from collections.abc import Iterator
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 
 
 class DataError(ValueError):
@@ -35,22 +38,42 @@ class Example:
         return self.prompt + self.response
 
 
+def is_uri(path) -> bool:
+    """An object-store or other URI (gs://bucket/x, s3://...; also gs:/bucket/x, as pathlib leaves a URI after a
+    typed CLI option), not a local path. `hf:NAME` is not one (no slash after the colon)."""
+    return _URI.match(os.fspath(path)) is not None
+
+
+def as_path(path) -> pathlib.Path:
+    """A local path as a pathlib.Path; a URI as an etils.epath.Path (gcsfs and the other fsspec stores), its
+    "scheme://" restored if pathlib had folded it to "scheme:/". Both have the pathlib methods readers use."""
+    s = os.fspath(path)
+    if not is_uri(s):
+        return pathlib.Path(s)
+    from etils import epath
+    return epath.Path(_URI.sub(lambda m: m.group(1) + "://", s, count=1))
+
+
 def qa_prompt(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer:"
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """Expand globs; `hf:` names pass through. Missing files are an error naming them."""
+    """Expand globs (in a URI, in its last part only); `hf:` names pass through. Missing files are an error naming
+    them."""
     out: list[str] = []
     for pat in patterns:
         if pat.startswith("hf:"):
             out.append(pat)
             continue
-        matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        matches = [pat]
+        if any(c in pat for c in "*?["):
+            p = as_path(pat)
+            matches = sorted(str(m) for m in p.parent.glob(p.name)) if is_uri(pat) else sorted(glob.glob(pat))
         if not matches:
             raise DataError(f"no files match {pat!r}")
         for m in matches:
-            if not pathlib.Path(m).is_file():
+            if not as_path(m).is_file():
                 raise DataError(f"data file not found: {m}")
             out.append(m)
     return out
@@ -58,7 +81,9 @@ def expand(patterns: list[str]) -> list[str]:
 
 def cannot_write(folder: str | pathlib.Path, e: OSError) -> str:
     """One line for a folder that cannot be created or written: read-only, or a path that runs through a file."""
-    folder = pathlib.Path(folder)
+    folder = as_path(folder)
+    if is_uri(folder):
+        return f"cannot write to {folder}: {e.strerror or e}"
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
     return f"cannot write to {folder}: {why}"
@@ -66,7 +91,10 @@ def cannot_write(folder: str | pathlib.Path, e: OSError) -> str:
 
 def check_writable(folder: str | pathlib.Path) -> None:
     """Refuse, before anything is read or written, an output folder that could not be created or written: one of
-    its parents is a file, or the nearest existing one is read-only (DataError "cannot write to ...")."""
+    its parents is a file, or the nearest existing one is read-only (DataError "cannot write to ..."). A URI is
+    not checked here: an object store's permissions show at the first write."""
+    if is_uri(folder):
+        return
     folder = pathlib.Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
@@ -104,7 +132,7 @@ def not_utf8(path: str | pathlib.Path) -> DataError:
     """The DataError for a file that is not UTF-8 text, naming the file, the line and the byte offset of its first
     bad byte (text-mode reads only say "position N" of some internal chunk, so the file is scanned again)."""
     offset = 0
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for lineno, line in enumerate(f, 1):  # b"\n" never occurs inside a multi-byte UTF-8 sequence
             try:
                 line.decode("utf-8")
@@ -118,7 +146,7 @@ def not_utf8(path: str | pathlib.Path) -> DataError:
 
 def _lines(path: str | pathlib.Path) -> Iterator[str]:
     """The lines of a UTF-8 text file (universal newlines); DataError from `not_utf8` on a bad byte."""
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open(encoding="utf-8") as f:
         try:
             yield from f
         except UnicodeDecodeError:
@@ -128,7 +156,7 @@ def _lines(path: str | pathlib.Path) -> Iterator[str]:
 def read_utf8(path: str | pathlib.Path) -> str:
     """A whole UTF-8 text file; DataError from `not_utf8` on a bad byte."""
     try:
-        return pathlib.Path(path).read_text(encoding="utf-8")
+        return as_path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise not_utf8(path) from None
 
@@ -136,7 +164,7 @@ def read_utf8(path: str | pathlib.Path) -> str:
 def read_jsonl_records(path: str | pathlib.Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of a JSONL file, where = "path:line". DataError (one line, naming
     file:line) for a missing file, bytes that are not UTF-8, malformed JSON or a line that is not a JSON object."""
-    if not pathlib.Path(path).is_file():
+    if not as_path(path).is_file():
         raise DataError(f"file not found: {path}")
     for lineno, line in enumerate(_lines(path), 1):
         if not line.strip():

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 import tensorstore as ts
 
-from mathlm.data.sources import DataError, Example, cannot_write
+from mathlm.data.sources import DataError, Example, as_path, cannot_write
 from mathlm.data.tokenizer import Tokenizer
 
 CHUNK = 1 << 20  # tokens per zarr chunk
@@ -130,7 +130,10 @@ class TokenStore:
 def is_store(path: str) -> bool:
     if _is_local(path):
         return (pathlib.Path(path.removeprefix("file://")) / "meta.json").is_file()
-    return True  # remote URLs are only ever stores
+    try:  # a text file in a bucket (a synthetic corpus in a gs:// run folder) is not one
+        return (as_path(path) / "meta.json").is_file()
+    except Exception:  # noqa: BLE001 - a tensorstore URL no fsspec store reads (memory://, ...): taken as a store
+        return True
 
 
 def unigram_entropy(store: TokenStore, max_tokens: int = 20_000_000) -> float:

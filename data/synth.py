@@ -22,7 +22,7 @@ import re
 
 import sympy
 
-from mathlm.data.sources import DataError, cannot_write
+from mathlm.data.sources import DataError, as_path, cannot_write, is_uri
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 # One "a op b = c" equation; the lookarounds stop it matching inside longer numbers or decimals.
@@ -399,18 +399,19 @@ def generate(cfg: SynthConfig) -> dict[str, list[dict]]:
 
 
 def write_jsonl(splits: dict[str, list[dict]], out_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """Write <out_dir>/<split>.jsonl for each split; returns the paths."""
-    out = pathlib.Path(out_dir)
+    """Write <out_dir>/<split>.jsonl for each split (a local folder or a URI); returns the paths."""
+    out = as_path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not is_uri(out):
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(cannot_write(out, e)) from None
     paths = {}
     for name, records in splits.items():
         paths[name] = out / f"{name}.jsonl"
-        with open(paths[name], "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        # whole, in one write: an object store has no append
+        paths[name].write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records),
+                               encoding="utf-8")
     return paths
 
 
@@ -418,7 +419,7 @@ def split_paths(root: str | pathlib.Path, cfg: SynthConfig) -> dict[str, pathlib
     """Where the corpus of `cfg` lives under `root`: root/synth-n{n}-s{seed}-k{max_steps}/<split>.jsonl (named by
     the settings a run's `data:` section can choose; see SynthConfig.from_data)."""
     value = "" if cfg.max_value == 100 else f"-v{cfg.max_value}"  # the default keeps earlier runs' folder names
-    folder = pathlib.Path(root) / f"synth-n{cfg.n}-s{cfg.seed}-k{cfg.max_steps}{value}"
+    folder = as_path(root) / f"synth-n{cfg.n}-s{cfg.seed}-k{cfg.max_steps}{value}"
     return {split: folder / f"{split}.jsonl" for split in SPLITS}
 
 

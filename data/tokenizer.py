@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mathlm.data.sources import DataError
+from mathlm.data.sources import DataError, as_path, is_uri
 
 PAD, BOS, EOS, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>"
 ROLES = ("pad", "bos", "eos", "mask")
@@ -69,10 +69,15 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: str | pathlib.Path) -> None:
-        """Write tokenizer.json; a foreign tokenizer also records its roles in tokenizer_config.json beside it."""
-        self.hf.save(str(path))
+        """Write tokenizer.json (to a local path or a URI); a foreign tokenizer also records its roles in
+        tokenizer_config.json beside it."""
+        path = as_path(path)
+        if is_uri(path):
+            path.write_text(self.hf.to_str(pretty=True))
+        else:
+            self.hf.save(str(path))
         if not self.native:
-            side = pathlib.Path(path).parent / "tokenizer_config.json"
+            side = path.parent / "tokenizer_config.json"
             conf = json.loads(side.read_text()) if side.is_file() else {}
             conf.update({f"{r}_token": t for r, t in self.special.items() if t})
             side.write_text(json.dumps(conf, indent=2, ensure_ascii=False))
@@ -80,13 +85,13 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | pathlib.Path) -> Tokenizer:
         """tokenizer.json, or a folder holding it (a mathlm run or a Hugging Face model folder)."""
-        p = pathlib.Path(path)
+        p = as_path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer not found: {p}")
         try:
-            hf = HFTokenizer.from_file(str(p))
+            hf = HFTokenizer.from_str(p.read_text()) if is_uri(p) else HFTokenizer.from_file(str(p))
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for every bad file
             first = (str(e).splitlines() or [""])[0]
             raise DataError(f"{p}: not a tokenizer.json ({first}); train one with `mathlm tokenizer train`") from None

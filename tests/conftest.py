@@ -54,6 +54,21 @@ def tiny_run(corpus, tmp_path_factory):
                            nnx.to_pure_dict(nnx.state(model, nnx.Param)), corpus["tokenizer"])
 
 
+@pytest.fixture(scope="session")
+def _gcs_server():
+    import gcs_emulator
+    server = gcs_emulator.Emulator()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(_gcs_server):
+    """Google Cloud Storage on localhost (tests/gcs_emulator.py): an empty gs://bucket for this test."""
+    _gcs_server.reset()
+    return _gcs_server
+
+
 def tiny_overrides(corpus, *extra: str) -> list[str]:
     return TINY + [f"data.train=[{corpus['train']}]", f"data.tokenizer={corpus['tokenizer']}",
                    "data.validation=null", *extra]

@@ -92,3 +92,32 @@ def test_a_failed_start_removes_the_folder_it_made_unless_a_token_store_was_fini
                 (wd / "data" / "tokens" / "abc" / "meta.json").write_text("{}")
             raise RuntimeError("the first step ran out of memory")
         assert wd.exists() == finished and (wd.parent.exists() == finished)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_another_hosts_lock_is_taken_over_once_its_heartbeat_is_stale(where, tmp_path, request, monkeypatch):
+    """A pod job restarted on new machines after a hard kill: the old holder's host is gone, its heartbeat old."""
+    from mathlm.train import lock as lock_mod
+    from mathlm.train.paths import run_path
+    workdir = run_path(tmp_path if where == "local" else "gs://bucket/run")
+    if where == "gcs":
+        request.getfixturevalue("gcs")
+    path = workdir / LOCK_NAME
+    fresh = {"host": "pod-7", "pid": 1, "started": "t", "heartbeat": time.time() - 60}
+    path.write_text(json.dumps(fresh))
+    with pytest.raises(WorkdirLocked, match="in use by another trainer \\(pid 1 on pod-7 since t\\)"):
+        WorkdirLock(workdir).acquire()
+    path.write_text(json.dumps({**fresh, "heartbeat": time.time() - lock_mod.STALE_AFTER - 120}))
+    warnings = []
+    lock = WorkdirLock(workdir)
+    lock.acquire(warn=warnings.append)
+    assert len(warnings) == 1 and "stale lock" in warnings[0] and "no heartbeat for 17 min" in warnings[0]
+    mine = json.loads(path.read_text())
+    assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
+    monkeypatch.setattr(lock_mod, "BEAT_EVERY", 0)
+    lock.beat()  # a live trainer's lock never goes stale
+    assert json.loads(path.read_text())["heartbeat"] > mine["heartbeat"]
+    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()} on "):
+        WorkdirLock(workdir).acquire()  # a second trainer on the same store is refused
+    lock.release()
+    assert not path.exists()

@@ -10,7 +10,6 @@ every weight and are read as before.
 from __future__ import annotations
 
 import pathlib
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +17,7 @@ import orbax.checkpoint as ocp
 from mathlm.models.sharding import path_str
 from mathlm.train import state as frozen_state
 from mathlm.train import verify
+from mathlm.train.paths import rmtree, run_path
 from mathlm.train.state import CheckpointError  # noqa: F401  (the checkpoint error of every reader)
 
 
@@ -50,7 +50,7 @@ def _handlers() -> dict:
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = run_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
@@ -140,7 +140,7 @@ def _check_shapes(mgr, step: int, item: str, want: dict, where: str, hint: str =
 
 def resolve(path: str) -> tuple[pathlib.Path, int]:
     """A workdir, its checkpoints/ folder, or one step folder -> (manager directory, step)."""
-    p = pathlib.Path(path).absolute()
+    p = run_path(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if p.name.isdigit() and p.parent.is_dir() and (p / "params").exists():
@@ -160,7 +160,7 @@ def _reader(directory: pathlib.Path, handlers: dict | None = None) -> ocp.Checkp
 
 def read_meta(directory: pathlib.Path, step: int) -> dict | None:
     """The `meta` item of one checkpoint, or None (older checkpoints, params-only imports without one)."""
-    directory = pathlib.Path(directory)
+    directory = run_path(directory)
     if not (directory / str(step) / "meta").exists():
         return None
     with _reader(directory) as mgr:
@@ -170,9 +170,9 @@ def read_meta(directory: pathlib.Path, step: int) -> dict | None:
 def save_frozen(directory: pathlib.Path, flat: dict, run_dir: pathlib.Path) -> dict:
     """Write weights that exist nowhere else on disk (a frozen part of a fresh init), once per run: called when a
     run starts from step 0, it replaces whatever an earlier, abandoned start left there. Returns their record."""
-    directory = pathlib.Path(directory).absolute()
-    if jax.process_index() == 0 and directory.exists():
-        shutil.rmtree(directory)
+    directory = run_path(directory)
+    if jax.process_index() == 0:
+        rmtree(directory)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"frozen-{directory.name}")
@@ -211,7 +211,7 @@ def restore_flat(directory: pathlib.Path, step: int, want: dict, where: str) -> 
         if record is None:
             raise CheckpointError(f"{where}: checkpoint lacks {sorted(missing)[0]} ({len(missing)} missing)")
         # Records are relative to the run folder that wrote them: the parent of its checkpoints/ folder.
-        src, src_step = frozen_state.check_source(record, f"{where}: frozen weights", pathlib.Path(directory).parent)
+        src, src_step = frozen_state.check_source(record, f"{where}: frozen weights", run_path(directory).parent)
         out.update(restore_flat(src, src_step, missing, f"{src} (step {src_step})"))
     return out
 

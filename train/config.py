@@ -13,7 +13,7 @@ import typing
 
 import yaml
 
-from mathlm.data.sources import DataError, read_utf8
+from mathlm.data.sources import DataError, as_path, read_utf8
 from mathlm.models import variants
 from mathlm.models.expand import NAME as EXPAND
 from mathlm.models.expand import ExpandOptions
@@ -243,7 +243,7 @@ def read_raw(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = 
     """A YAML config file (or nothing) with dotted overrides applied, as a plain dict; ConfigError names the file."""
     raw: dict = {}
     if path is not None:
-        p = pathlib.Path(path)
+        p = as_path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
@@ -412,4 +412,4 @@ def save_config(cfg: Config, path: str | pathlib.Path, objective_auto: bool = Fa
     d = to_dict(cfg)
     if objective_auto:
         d["train"]["objective"] = objectives.AUTO
-    pathlib.Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    as_path(path).write_text(yaml.safe_dump(d, sort_keys=False))

@@ -12,16 +12,16 @@ import hashlib
 import itertools
 import json
 import pathlib
-import shutil
 
 import jax
 
 from mathlm.data import synth
-from mathlm.data.sources import DataError, expand, read_examples
+from mathlm.data.sources import DataError, as_path, expand, read_examples
 from mathlm.data.store import TokenStore, is_store, tokenizer_fingerprint, write_store
 from mathlm.data.tokenizer import Tokenizer, train_tokenizer
 from mathlm.train.checkpoint import CheckpointError
 from mathlm.train.config import Config, ConfigError
+from mathlm.train.paths import mtime_ns, rmtree
 from mathlm.train.runs import run_dir_of
 
 TOKENIZER_SAMPLE = 200_000  # examples used to train a tokenizer when none is given
@@ -63,7 +63,7 @@ def _resolve_sources(cfg: Config, workdir: pathlib.Path) -> tuple[list[str], lis
 
 def _find_tokenizer(cfg: Config, workdir: pathlib.Path) -> pathlib.Path | None:
     if cfg.data.tokenizer:
-        p = pathlib.Path(cfg.data.tokenizer)
+        p = as_path(cfg.data.tokenizer)
         if not (p.is_file() or (p / "tokenizer.json").is_file()):
             raise DataError(f"tokenizer not found: {p}")
         return p
@@ -87,12 +87,11 @@ def _store_for(paths: list[str], fmt: str, tok: Tokenizer, cache: pathlib.Path, 
         return paths[0]
     files = expand(paths)
     sig = hashlib.sha256(json.dumps(
-        [fmt, tokenizer_fingerprint(tok)] + [[f, pathlib.Path(f).stat().st_mtime_ns] for f in files]
+        [fmt, tokenizer_fingerprint(tok)] + [[f, mtime_ns(f)] for f in files]
     ).encode()).hexdigest()[:12]
     url = cache / sig
     if jax.process_index() == 0 and not (url / "meta.json").is_file():
-        if url.exists():
-            shutil.rmtree(url)
+        rmtree(url)  # an unfinished store of an earlier start
         # logged after the store is written: a mistake in a file is then the one line on stderr
         meta = write_store(str(url), read_examples(files, fmt), tok, pairs=fmt == "pref")
         log(f"tokenized {len(files)} file(s) -> {url}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")

@@ -21,7 +21,7 @@ from mathlm.train.eval.gates import block_of, write_results
 from mathlm.train.init_from import check_init_from
 from mathlm.train.lock import WorkdirLock
 from mathlm.train.objectives import sft_pad_is_eos
-from mathlm.train.paths import is_remote
+from mathlm.train.paths import run_path
 from mathlm.train.resume import initial_state, log_frozen
 from mathlm.train.runs import adopt_init_variant
 from mathlm.train.runtime import flops_6nd
@@ -173,12 +173,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
     """
     from mathlm.train.metrics import console
 
-    if is_remote(workdir):  # the path layer (train/paths.py) covers the log and checkpoints, not yet the data
-        raise ConfigError(f"--workdir {workdir}: remote run folders are not supported yet (the data preparation and "
-                          "frozen-weight records write local files); use a folder every host sees, e.g. a GCS FUSE "
-                          "mount such as /mnt/bucket/run")
     with preemption.handling() as preempt:  # from the start: a SIGTERM during startup also ends with exit 0
-        workdir = pathlib.Path(workdir).absolute()
+        workdir = run_path(workdir)  # a local folder or a URI (gs://bucket/run): every write goes through epath
         cfg = adopt_init_variant(cfg)
         setup = build(cfg)  # joins jax.distributed: from here its sync manager owns SIGTERM on several processes
         lead = jax.process_index() == 0
@@ -187,11 +183,13 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tru
             check_init_from(cfg)  # a mismatch is one line, with nothing written
         with WorkdirLock(workdir, enabled=lead) as lock:
             lock.acquire(warn=lambda m: log(f"[yellow]{m}"))
-            return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after, resume_from, preempt)
+            return _train_locked(cfg, setup, workdir, lead, log, show_progress, stop_after, resume_from, preempt,
+                                 lock)
 
 
 def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, log, show_progress: bool,
-                  stop_after: int | None, resume_from: int | None, preempt: preemption.Preemption) -> dict:
+                  stop_after: int | None, resume_from: int | None, preempt: preemption.Preemption,
+                  lock: WorkdirLock) -> dict:
     from mathlm.data.pipeline import train_dataset
     from mathlm.train.metrics import RunLogger, Throughput
 
@@ -245,6 +243,7 @@ def _train_locked(cfg: Config, setup: Setup, workdir: pathlib.Path, lead: bool, 
             if step % t.log_every == 0 or step == t.steps:
                 last = metrics.flush(step)
                 logger.log(step, last)
+                lock.beat()
             else:
                 logger.advance(step)
             if evals and (step % t.eval_every == 0 or step == t.steps):

@@ -8,21 +8,51 @@ cannot be appended to (`append_line` rewrites it), and a rename is a copy then a
 from __future__ import annotations
 
 import os
-import re
 import shutil
 
 from etils import epath
 
-
-def is_remote(path) -> bool:
-    """A URI such as gs://bucket/run (also as pathlib leaves it, gs:/bucket/run, after a typed CLI option)."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", os.fspath(path)) is not None
+from mathlm.data.sources import as_path
+from mathlm.data.sources import is_uri as is_remote  # noqa: F401  (the one test of "is this a URI")
 
 
 def run_path(path) -> epath.Path:
-    """`path` as an epath.Path: a URI as given, a local path made absolute."""
+    """`path` as an epath.Path: a URI as given (its "gs://" restored if pathlib folded it to "gs:/"), a local
+    path made absolute."""
     s = os.fspath(path)
-    return epath.Path(s if is_remote(s) else os.path.abspath(s))
+    return epath.Path(as_path(s)) if is_remote(s) else epath.Path(os.path.abspath(s))
+
+
+def rmtree(path: epath.Path) -> None:
+    """Remove a folder and everything in it, if it exists (on an object store: every object under the prefix)."""
+    path = run_path(path)
+    if is_remote(path):
+        if path.exists():
+            path.rmtree()
+    elif path.exists():
+        shutil.rmtree(os.fspath(path))
+
+
+def files_under(root: epath.Path) -> list[tuple[str, epath.Path]]:
+    """(path relative to root, path) of every file below `root`, sorted (folder by folder: epath has no `**`
+    on GCS)."""
+    out: list[tuple[str, epath.Path]] = []
+
+    def visit(folder: epath.Path, prefix: str) -> None:
+        for child in folder.iterdir():
+            if child.is_dir():
+                visit(child, f"{prefix}{child.name}/")
+            else:
+                out.append((prefix + child.name, child))
+    visit(run_path(root), "")
+    return sorted(out, key=lambda x: x[0])
+
+
+def mtime_ns(path) -> int:
+    """A file's modification time in ns (on an object store: its last update, at the store's resolution)."""
+    if not is_remote(path):
+        return os.stat(os.fspath(path)).st_mtime_ns
+    return int(run_path(path).stat().mtime * 1e9)
 
 
 class LineLog:
@@ -52,10 +82,7 @@ def move(src: epath.Path, dst: epath.Path) -> None:
     if not is_remote(src):
         shutil.move(os.fspath(src), os.fspath(dst))
         return
-    dst.mkdir(parents=True, exist_ok=True)
-    for child in src.iterdir():
-        if child.is_dir():
-            move(child, dst / child.name)
-        else:
-            child.copy(dst / child.name)
-    src.rmtree()
+    dst = run_path(dst)
+    for rel, f in files_under(src):
+        f.copy(dst / rel)
+    rmtree(src)

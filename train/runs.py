@@ -20,6 +20,7 @@ from mathlm.models import variants
 from mathlm.models.variants import from_metadata
 from mathlm.train import checkpoint as ckpt
 from mathlm.train.config import Config, ConfigError, load_config, save_config
+from mathlm.train.paths import run_path
 
 
 @dataclasses.dataclass
@@ -33,7 +34,7 @@ class LoadedRun:
 
 def run_dir_of(path: str | pathlib.Path) -> pathlib.Path:
     """The folder holding config.yaml for a run folder, its checkpoints/ folder or a step folder."""
-    p = pathlib.Path(path).absolute()
+    p = run_path(path)
     for cand in (p, p.parent, p.parent.parent):
         if (cand / "config.yaml").is_file():
             return cand

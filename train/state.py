@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pathlib
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mathlm.models.sharding import path_str
+from mathlm.train.paths import files_under, mtime_ns, run_path
 
 
 class CheckpointError(ValueError):
@@ -79,14 +81,14 @@ def copy_tree(tree):
 _HASHES: dict[tuple, str] = {}  # (files, sizes, mtimes) -> digest: a source is read once per process
 
 
-def _local_hash(root: pathlib.Path) -> str:
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+def _local_hash(root) -> str:
+    files = files_under(root)
+    key = (os.fspath(root), tuple((rel, f.stat().length, mtime_ns(f)) for rel, f in files))
     if key not in _HASHES:
         h = hashlib.sha256()
-        for f in files:
-            h.update(str(f.relative_to(root)).encode() + b"\0")
-            with open(f, "rb") as fh:
+        for rel, f in files:
+            h.update(rel.encode() + b"\0")
+            with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
         _HASHES[key] = h.hexdigest()
@@ -98,7 +100,7 @@ def content_hash(step_dir: str | pathlib.Path) -> str:
 
     Multi-process runs read the files on process 0 only and broadcast the digest, so every host agrees (and a
     pod does not read a large source once per host)."""
-    root = pathlib.Path(step_dir) / "params"
+    root = run_path(step_dir) / "params"
     if jax.process_count() == 1:
         if not root.is_dir():
             raise FrozenSourceError(f"{root}: gone")
@@ -116,10 +118,10 @@ def content_hash(step_dir: str | pathlib.Path) -> str:
 def source_record(directory: pathlib.Path, step: int, run_dir: pathlib.Path | None = None) -> dict:
     """How a run's metadata names a frozen part that lives in another checkpoint; a source inside the run's own
     folder (`run_dir`) is recorded relative to it, so the folder can be moved."""
-    digest = content_hash(pathlib.Path(directory) / str(step))
-    source = pathlib.Path(directory).absolute()
-    if run_dir is not None and source.is_relative_to(pathlib.Path(run_dir).absolute()):
-        return {"source": str(source.relative_to(pathlib.Path(run_dir).absolute())), "in_run": True,
+    source = run_path(directory)
+    digest = content_hash(source / str(step))
+    if run_dir is not None and source.is_relative_to(run_path(run_dir)):
+        return {"source": str(source.relative_to(run_path(run_dir))), "in_run": True,
                 "step": int(step), "sha256": digest}
     return {"source": str(source), "step": int(step), "sha256": digest}
 
@@ -127,9 +129,8 @@ def source_record(directory: pathlib.Path, step: int, run_dir: pathlib.Path | No
 def check_source(record: dict, what: str, run_dir: pathlib.Path | None = None) -> tuple[pathlib.Path, int]:
     """The source folder and step of a record (`run_dir`: the folder of the run that wrote it), after checking
     that its files still hash the same."""
-    directory, step = pathlib.Path(record["source"]), int(record["step"])
-    if record.get("in_run"):
-        directory = pathlib.Path(run_dir) / directory
+    directory, step = record["source"], int(record["step"])
+    directory = run_path(run_path(run_dir) / directory if record.get("in_run") else directory)
     if not (directory / str(step) / "params").is_dir():
         raise FrozenSourceError(f"{what}: its source {directory} (step {step}) is gone; restore it there, or "
                                 "start a new run")

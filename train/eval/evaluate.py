@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from mathlm.data import answers, synth, tasks
-from mathlm.data.sources import DataError, load_hf
+from mathlm.data.sources import DataError, as_path, load_hf
 from mathlm.models.diffusion import DiffusionSampling
 from mathlm.models.generate import ContextOverflow, Sampling
 from mathlm.train.eval import scoring
@@ -85,7 +85,7 @@ def synth_test_file(engine: Engine) -> pathlib.Path:
 def _hf_dataset_file(name: str, out: pathlib.Path) -> pathlib.Path:
     """hf:NAME[:CONFIG][:SPLIT] (default split: test) -> a local JSONL copy (needs `datasets` and the network)."""
     path = out / "hf_data.jsonl"
-    with open(path, "w") as f:
+    with path.open("w") as f:
         f.writelines(json.dumps(rec, default=str) + "\n" for rec in load_hf(name, default_split="test"))
     return path
 
@@ -98,7 +98,7 @@ def load_task_problems(engine: Engine, req: EvalRequest, out: pathlib.Path) -> l
     elif req.data.startswith("hf:"):
         path = _hf_dataset_file(req.data, out)
     else:
-        path = pathlib.Path(req.data)
+        path = as_path(req.data)
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
     problems = tasks.load_problems(path, req.task, req.limit)
@@ -148,7 +148,7 @@ def _grade_and_write(req: EvalRequest, style: str, problems: list[tasks.Problem]
     """graded[problem][sample]; one samples.jsonl line per sample (completion j of problem i is texts[i * n + j])."""
     n = req.samples
     graded: list[list[dict]] = []
-    with open(path, "w") as f:
+    with path.open("w") as f:
         for i, prob in enumerate(problems):
             row = []
             for j in range(n):

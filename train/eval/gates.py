@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mathlm.train.objectives import forward
+from mathlm.train.paths import run_path
 
 
 def has_sites(model) -> bool:
@@ -54,13 +55,13 @@ def block_of(key: str) -> str:
 def write_results(run_dir: pathlib.Path, step: int, gates: dict[str, float], **extra) -> None:
     """<run>/evaluation_results.json: the latest eval's per-site gates (the one writer; the last eval wins)."""
     if gates:
-        (pathlib.Path(run_dir) / RESULTS).write_text(json.dumps(
+        (run_path(run_dir) / RESULTS).write_text(json.dumps(
             {"step": step, **extra, "eval_avg_interp_weights": gates}, indent=1))
 
 
 def gates_of(run_dir: pathlib.Path) -> dict | None:
     """{"step": the evaluated step, "gates": {block index: a}} from <run>/evaluation_results.json, or None."""
-    path = pathlib.Path(run_dir) / RESULTS
+    path = run_path(run_dir) / RESULTS
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())

@@ -12,10 +12,11 @@ import pathlib
 from collections.abc import Callable
 
 from mathlm.data import tasks
-from mathlm.data.sources import DataError, read_examples
+from mathlm.data.sources import DataError, as_path, read_examples
 from mathlm.train.eval.evaluate import EvalRequest
 from mathlm.train.eval.gates import has_sites, record, site_gates
 from mathlm.train.eval.inference import GUIDANCE_FLAG, Engine
+from mathlm.train.paths import run_path
 
 TASK_NAMES = "synth | gsm8k | math | svamp | mawps | perplexity"
 MC_SAMPLES = 128  # diffusion perplexity: Monte-Carlo ELBO samples per chunk when --mc-samples is not given
@@ -83,7 +84,7 @@ def check_job(job: EvalJob) -> None:
         unused = _generation_flags_given(req)
         if unused:
             raise DataError(f"{unused[0]} does not apply to --task perplexity (it scores text, generates nothing)")
-        if not pathlib.Path(req.data).is_file():
+        if not as_path(req.data).is_file():
             raise DataError(f"data file not found: {req.data}")
         return
     if req.task not in tasks.TASKS:
@@ -96,7 +97,7 @@ def check_job(job: EvalJob) -> None:
     except ValueError as e:
         raise DataError(str(e)) from None
     if req.data and not req.data.startswith("hf:"):
-        if not pathlib.Path(req.data).is_file():
+        if not as_path(req.data).is_file():
             raise DataError(f"data file not found: {req.data}")
         tasks.load_problems(req.data, req.task, req.limit)
 
@@ -125,7 +126,7 @@ def run_eval(job: EvalJob, progress: Callable[[int, int | None], None] | None = 
     from mathlm.train.eval.inference import load_engine
     from mathlm.train.runs import run_dir_of
     check_job(job)
-    folder = job.out or output_folder(run_dir_of(job.checkpoint), job.request)
+    folder = run_path(job.out) if job.out else output_folder(run_dir_of(job.checkpoint), job.request)
     check_folder(folder, job.overwrite)  # before the model loads: nothing is read or written for a refusal
     engine = load_engine(job.checkpoint, fsdp=job.fsdp)
     if progress:
@@ -135,7 +136,7 @@ def run_eval(job: EvalJob, progress: Callable[[int, int | None], None] | None = 
         texts = [e.text for e in read_examples([job.request.data])][: job.request.limit]
     else:
         summary = evaluate(engine, job.request, folder, progress=progress)
-        texts = [r["prompt"] + r["completion"] for r in map(json.loads, open(folder / "samples.jsonl"))]
+        texts = [r["prompt"] + r["completion"] for r in map(json.loads, (folder / "samples.jsonl").open())]
     if has_sites(engine.run.model):  # Control-LLM: each merge site's mean gate over this eval's text
         record(summary, engine.run.run_dir, site_gates(engine.run.model, engine.tokenizer, texts,
                                                        engine.run.cfg.model.max_seq_len, job.request.batch_size))

@@ -9,10 +9,13 @@
 """
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import random
 from collections.abc import Sequence
+
+from mathlm.data.sources import as_path
 
 MAJ_SUBSETS = 1000
 
@@ -147,5 +150,7 @@ def plot_coverage(path: str, ks: Sequence[float], coverage: Sequence[float],
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()  # rendered in memory, then written whole: `path` may be a URI (a gs:// run folder)
+    fig.savefig(buf, format="png")
+    as_path(path).write_bytes(buf.getvalue())
     return path
