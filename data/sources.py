@@ -14,6 +14,7 @@ evaluation tasks. `read_prompts` reads `mathlm generate --prompts` files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -51,7 +52,20 @@ def as_path(path) -> pathlib.Path:
     if not is_uri(s):
         return pathlib.Path(s)
     from etils import epath
+    scheme = _URI.match(s).group(1)
+    _check_store(scheme)
     return epath.Path(_URI.sub(lambda m: m.group(1) + "://", s, count=1))
+
+
+@functools.cache
+def _check_store(scheme: str) -> None:
+    """A URI whose fsspec store is not installed is one line naming what to install (gs://: the gcs extra)."""
+    import fsspec
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        hint = "pip install 'mathlm[gcs]'" if scheme in ("gs", "gcs") else f"install the fsspec store for {scheme}://"
+        raise DataError(f"{scheme}:// paths cannot be used here ({(str(e).splitlines() or [''])[0]}); {hint}") from None
 
 
 def qa_prompt(question: str) -> str:

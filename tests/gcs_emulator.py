@@ -22,34 +22,86 @@ def _quiet_errors() -> None:
     http.server.HTTPServer.handle_error = lambda self, request, client_address: None
 
 
-def _honour_list_offsets() -> None:
-    """tensorstore lists (and deletes) a key range with startOffset/endOffset; the emulator ignores both and
-    answers with every object under the prefix, so a zarr array's `delete_existing` would empty the bucket. Filter
-    its answer by them, as GCS does (start inclusive, end exclusive). Done before its server module is imported:
-    the route table holds the handler itself."""
+def _patch_emulator() -> None:
+    """What tensorstore relies on and the emulator lacks, added as GCS does it:
+
+    - list: startOffset/endOffset (tensorstore lists, and deletes, a key range with them; ignored, a zarr array's
+      `delete_existing` emptied the bucket);
+    - preconditions: ifGenerationMatch (0: must not exist) on uploads, reads and deletes -> 412, and
+      ifGenerationNotMatch on reads -> 304 (OCDBT's manifest is written compare-and-swap);
+    - x-goog-generation on downloads (the generation tensorstore conditions its next write on).
+
+    Done before the emulator's server module is imported: its route table holds the handlers themselves."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
-    if getattr(objects.ls, "honours_offsets", False):
+    if getattr(objects, "patched_for_tensorstore", False):
         return
-    original = objects.ls
 
-    def ls(request, response, storage, *args, **kwargs):
-        start = (request.query.get("startOffset") or [None])[0]
-        end = (request.query.get("endOffset") or [None])[0]
-        answer = response.json
+    def first(request, key):
+        return (request.query.get(key) or [None])[0]
 
-        def in_range(obj: dict) -> dict:
-            items = [o for o in obj.get("items") or []
-                     if (start is None or o["name"] >= start) and (end is None or o["name"] < end)]
-            return answer({**obj, "items": items})
-        response.json = in_range
-        return original(request, response, storage, *args, **kwargs)
-    ls.honours_offsets = True
-    objects.ls = ls
+    def generation(storage, bucket, name) -> int:
+        try:
+            return int(storage.get_file_obj(bucket, name)["generation"])
+        except NotFound:
+            return 0
+
+    def preconditions(handler, name_of):
+        def wrapped(request, response, storage, *args, **kwargs):
+            match, not_match = first(request, "ifGenerationMatch"), first(request, "ifGenerationNotMatch")
+            if match is not None or not_match is not None:
+                gen = generation(storage, request.params["bucket_name"], name_of(request))
+                if match is not None and gen != int(match):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    return None
+                if not_match is not None and gen == int(not_match):
+                    response.status = HTTPStatus.NOT_MODIFIED
+                    return None
+            return handler(request, response, storage, *args, **kwargs)
+        return wrapped
+
+    def with_generation(handler):
+        def wrapped(request, response, storage, *args, **kwargs):
+            out = handler(request, response, storage, *args, **kwargs)
+            if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+                obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+                response["x-goog-generation"] = str(obj["generation"])
+                response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+            return out
+        return wrapped
+
+    def in_range(handler):
+        def wrapped(request, response, storage, *args, **kwargs):
+            start, end = first(request, "startOffset"), first(request, "endOffset")
+            answer = response.json
+
+            def filtered(obj: dict):
+                items = [o for o in obj.get("items") or []
+                         if (start is None or o["name"] >= start) and (end is None or o["name"] < end)]
+                return answer({**obj, "items": items})
+            response.json = filtered
+            return handler(request, response, storage, *args, **kwargs)
+        return wrapped
+
+    def object_id(request):
+        return request.params["object_id"]
+
+    def upload_name(request):
+        return first(request, "name") or request.data["meta"].get("name")
+
+    objects.ls = in_range(objects.ls)
+    objects.download = preconditions(with_generation(objects.download), object_id)
+    objects.get = preconditions(objects.get, object_id)
+    objects.delete = preconditions(objects.delete, object_id)
+    objects.insert = preconditions(objects.insert, upload_name)
+    objects.patched_for_tensorstore = True
 
 
 class Emulator:
     def __init__(self):
-        _honour_list_offsets()
+        _patch_emulator()
         from gcp_storage_emulator.server import create_server
         _quiet_errors()
         logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # "Resource not found": a probe
