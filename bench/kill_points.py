@@ -1,12 +1,13 @@
 """Interrupt a run at N points with SIGTERM and with kill -9, rerun each to the end, and check it is bit-exact.
 
-usage: python bench/kill_points.py [--points 10] [--steps 120] [--procs 1|2]
+usage: python bench/kill_points.py [--points 10] [--steps 120] [--procs 1|2] [--gcs]
 
 A tiny model on a synthetic corpus (as the tests build it). One uninterrupted run gives the reference: its
 per-step losses and the final checkpoint's content checksums (params, optimizer, data state). Each interrupted
 run is signalled once metrics.jsonl shows step >= k (k spread over the run), then rerun with the same command;
 it counts as exact when every step's loss and the final checksums equal the reference's. kill -9 runs save a
-checkpoint every 10 steps (a kill loses the steps after the last one; the rerun redoes them).
+checkpoint every 10 steps (a kill loses the steps after the last one; the rerun redoes them). `--gcs`: every run
+folder is `gs://bucket/...` on GCS on localhost (tests/gcs_emulator.py, in this process), as a pod job's would be.
 """
 from __future__ import annotations
 
@@ -40,8 +41,12 @@ def corpus(root: pathlib.Path) -> list[str]:
     return [f"data.train=[{root / 'train'}]", f"data.tokenizer={root / 'tokenizer.json'}"]
 
 
+EXTRA_ENV: dict[str, str] = {}  # the emulator's, with --gcs
+POLL = 0.005  # seconds between reads of metrics.jsonl
+
+
 def start(workdir, overrides, procs: int) -> list[subprocess.Popen]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **EXTRA_ENV}
     cmd = [sys.executable, "-m", "mathlm.cli.main", "train", "configs/math-tiny.yaml", "--workdir", str(workdir),
            "--no-progress", *overrides]
     if procs == 1:
@@ -74,22 +79,32 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=10)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--gcs", action="store_true", help="run folders in a gs:// bucket (GCS on localhost)")
     args = ap.parse_args()
+    global POLL
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="kill-points-"))
     overrides = TINY + corpus(tmp / "corpus") + [f"train.steps={args.steps}"]
+    runs = tmp
+    if args.gcs:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import gcs_emulator
+
+        from mathlm.train.paths import run_path
+        EXTRA_ENV.update(gcs_emulator.Emulator().env())
+        runs, POLL = run_path("gs://bucket/kill-points"), 0.2  # the emulator serves one request at a time
     if args.procs == 2:
         overrides = [o for o in overrides if o != "mesh.data=1"]
-    ref = tmp / "reference"
+    ref = runs / "reference"
     assert wait(start(ref, overrides, args.procs)) == [0] * args.procs
     want, want_sums = logged(ref), checksums(ref, args.steps)
     results = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for i in range(args.points):
             at = 3 + i * (args.steps - 20) // args.points
-            wd = tmp / f"{sig.name}-{i}"
+            wd = runs / f"{sig.name}-{i}"
             ps = start(wd, overrides, args.procs)
             while max(logged(wd), default=0) < at and all(p.poll() is None for p in ps):
-                time.sleep(0.005)
+                time.sleep(POLL)
             victims = ps[-1:] if sig == signal.SIGTERM else ps  # SIGTERM to one process; kill -9 to all
             for p in victims:
                 p.send_signal(sig)

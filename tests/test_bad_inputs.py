@@ -189,6 +189,8 @@ CASES: list = [
     ("workdir-under-a-file", lambda c: Case(c.train(pathlib.Path(c.file("a_file")) / "wd"),
                                             pathlib.Path(c.file("a_file")), ("cannot write to", "is a file"))),
     ("workdir-in-read-only-folder", _ro_parent),
+    ("workdir-on-a-store-not-installed", lambda c: Case(c.train("zz://bucket/run"), c.tmp,
+                                                        ("zz:// paths cannot be used here",))),
     ("existing-read-only-workdir", _ro_existing),
     ("resume-from-missing-step", lambda c: Case(c.train(c.run, "train.steps=3", "--resume-from=7"), c.run,
                                                 ("--resume-from 7: no such checkpoint", "have: 2"))),

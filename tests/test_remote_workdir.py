@@ -12,7 +12,9 @@ from mathlm.train.config import load_config
 from mathlm.train.loop import train
 from mathlm.train.paths import run_path
 
-STEPS = ["train.steps=6", "checkpoint.every_steps=3", "train.eval_every=3", "data.synth_n=400"]
+# embeddings and block 0 frozen: their record (written once under <run>/frozen/, hashed on every resume) too
+STEPS = ["train.steps=6", "checkpoint.every_steps=3", "train.eval_every=3", "data.synth_n=400",
+         r"train.trainable=[blocks/1/, final_norm, lm_head]"]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -35,9 +37,12 @@ def test_a_run_in_a_bucket_resumes_falls_back_and_evaluates_like_a_local_one(gcs
     assert _losses(remote) == want  # bit-exact across the resume
     assert sorted(os.listdir(tmp_path)) == ["local"]  # nothing local (no "gs:" folder either)
     names = gcs.objects("run")
-    for name in ("run/config.yaml", "run/tokenizer.json", "run/checkpoints/6/commit_success.txt"):
+    for name in ("run/config.yaml", "run/tokenizer.json", "run/checkpoints/6/commit_success.txt",
+                 "run/frozen/model/0/params/commit_success.txt"):
         assert name in names, name
     assert "run/train.lock" not in names  # released
+    record = json.loads(run_path("gs://bucket/run/checkpoints/6/meta/metadata").read_text())["frozen"]["model"]
+    assert record["source"] == "frozen/model" and record["in_run"]  # relative: the bucket folder can move
     assert any(n.startswith("run/data/tokens/") and n.endswith("/meta.json") for n in names)
 
     # A damaged newest checkpoint in the bucket: reported, moved aside (copied, then deleted), the previous used.
