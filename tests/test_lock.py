@@ -121,3 +121,20 @@ def test_another_hosts_lock_is_taken_over_once_its_heartbeat_is_stale(where, tmp
         WorkdirLock(workdir).acquire()  # a second trainer on the same store is refused
     lock.release()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_trainers_racing_for_the_lock_cannot_both_take_it(where, tmp_path, request, monkeypatch):
+    """The race an exists-check cannot close: both trainers look, see no lock, then write. The create itself must
+    refuse the second (O_EXCL; on GCS an upload with ifGenerationMatch=0), and the first's lock must survive."""
+    from mathlm.train.paths import run_path
+    workdir = run_path(tmp_path if where == "local" else "gs://bucket/race")
+    if where == "gcs":
+        request.getfixturevalue("gcs")
+    other = {"host": "pod-3", "pid": 1, "started": "t", "heartbeat": time.time()}
+    (workdir / LOCK_NAME).write_text(json.dumps(other))  # the other trainer won the race a moment ago
+    monkeypatch.setattr(type(workdir), "exists", lambda self: False)  # ... after this one had looked
+    with pytest.raises(WorkdirLocked, match="in use by another trainer \\(pid 1 on pod-3 since t\\)"):
+        WorkdirLock(workdir).acquire()
+    monkeypatch.undo()
+    assert json.loads((workdir / LOCK_NAME).read_text()) == other  # not overwritten

@@ -7,9 +7,10 @@ its `heartbeat` at every logging interval (at most once a minute), and a lock no
 is taken over from any host (a pod job restarted on new machines after a hard kill). Multi-host runs: process 0
 holds it for all.
 
-The run folder may be a URI (gs://bucket/run, through train/paths.py). An object store has no exclusive create, so
-there the lock is written, then read back: two trainers starting within the same fraction of a second could both
-pass, which on a disk `O_EXCL` rules out.
+The run folder may be a URI (gs://bucket/run, through train/paths.py). The lock is created exclusively: O_EXCL on a
+disk, an upload GCS refuses when the object exists (ifGenerationMatch=0) in a bucket. A store without exclusive
+create (other fsspec stores) gets a write, then a read-back: two trainers starting within the same fraction of a
+second could both pass there.
 
 Taking the lock is the run's first write: a folder that cannot be created or written is refused there in one line
 (`WorkdirUnwritable`, "cannot write to ..."). A folder the lock created is removed again when the run fails before
@@ -25,7 +26,7 @@ import pathlib
 import socket
 import time
 
-from mathlm.train.paths import is_remote, rmtree, run_path
+from mathlm.train.paths import create_new, is_remote, rmtree, run_path
 
 LOCK_NAME = "train.lock"
 STALE_AFTER = 15 * 60  # seconds without a heartbeat after which any host may take the lock over
@@ -148,15 +149,11 @@ class WorkdirLock:
         raise WorkdirLocked(f"could not take the lock {self.path}: another trainer took it meanwhile")
 
     def _create(self) -> bool:
-        """Write the lock unless one exists: O_EXCL on a disk; on an object store, write and read back."""
-        if not self.remote:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            return True
+        """Write the lock unless one exists: atomically where the store can (a disk, GCS); elsewhere write and
+        read back."""
+        taken = create_new(self.path, json.dumps(self.me))
+        if taken is not None:
+            return taken
         if self.path.exists():
             return False
         self.path.write_text(json.dumps(self.me))

@@ -3,7 +3,8 @@
 A workdir is a local folder or a URI (`gs://bucket/run`, `s3://…`); `run_path` gives an `epath.Path` for either,
 and every run-folder write (config.yaml, metrics.jsonl, train.lock, eval outputs, moved-aside checkpoints, the
 checkpoints themselves) goes through it. Object stores differ from a disk in two ways this layer hides: a file
-cannot be appended to (`append_line` rewrites it), and a rename is a copy then a delete (`move`).
+cannot be appended to (`LineLog` rewrites it), and a rename is a copy then a delete (`move`). Exclusive create
+(`create_new`, the lock) is O_EXCL on a disk and a generation precondition on GCS.
 """
 from __future__ import annotations
 
@@ -21,6 +22,31 @@ def run_path(path) -> epath.Path:
     path made absolute."""
     s = os.fspath(path)
     return epath.Path(as_path(s)) if is_remote(s) else epath.Path(os.path.abspath(s))
+
+
+def create_new(path, text: str) -> bool | None:
+    """Write a new file unless one exists, atomically: True written, False it exists; None when the store has no
+    exclusive create (then the caller must check another way). A disk: O_EXCL. GCS: an upload with
+    ifGenerationMatch=0 (gcsfs mode="create"), which the store refuses when the object exists, whoever races."""
+    s = os.fspath(path)
+    if not is_remote(s):
+        try:
+            fd = os.open(s, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    s = os.fspath(run_path(s))
+    if not s.startswith(("gs://", "gcs://")):
+        return None
+    import fsspec
+    fs, key = fsspec.core.url_to_fs(s)
+    try:
+        fs.pipe_file(key, text.encode(), mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def rmtree(path: epath.Path) -> None:
