@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -129,6 +130,35 @@ def test_resumed_generation_is_byte_identical(smoke, tmp_path):
     resumed = generation.generate(engine, items, sampling, tmp_path / "b.jsonl", **kw)
     assert resumed == whole and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert len({r["response"] for r in whole}) > 1  # really sampled
+
+
+def test_sigterm_during_a_generation_pass_exits_0_and_the_rerun_finishes_it_byte_identically(smoke, tmp_path):
+    """A pod preempting `mathlm w2s` mid-sampling: exit 0 with the finished batches kept, the step not recorded as
+    done, and the same command resumes the pass to the file an uninterrupted run wrote. (Before, the default
+    handler ended the process with exit 143.)"""
+    import signal
+    wd = tmp_path / "w"
+    shutil.copytree(smoke, wd)
+    (wd / "stage2" / "samples.jsonl").unlink()
+    (wd / "done" / "stage2__sample.json").unlink()
+    partial = wd / "stage2" / "samples.jsonl.partial"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "mathlm.cli.main", "w2s", "sample", str(SMOKE), "--workdir",
+                             str(wd)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (partial.is_file() and len(partial.read_text().splitlines()) >= 2):
+        time.sleep(0.01)  # header + one finished batch
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped in" in out and "Traceback" not in err, out + err
+    kept = len(partial.read_text().splitlines()) - 1
+    assert 1 <= kept < 8 and not (wd / "stage2" / "samples.jsonl").exists()  # 384 samples in batches of 48
+    assert not (wd / "done" / "stage2__sample.json").exists()
+    res = w2s("sample", SMOKE, "--workdir", wd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming samples.jsonl: {kept} of 8 batches already done" in res.stdout + res.stderr
+    assert (wd / "stage2" / "samples.jsonl").read_bytes() == (smoke / "stage2" / "samples.jsonl").read_bytes()
+    assert (wd / "done" / "stage2__sample.json").is_file() and not partial.exists()
 
 
 @pytest.mark.parametrize("override,message", [

@@ -19,6 +19,7 @@ class Ctx:
     log: Callable[[str], None] = print
     show_progress: bool = False
     key: str = ""  # the running step's key (generation partial files and run folders carry it)
+    should_stop: Callable[[], bool] = lambda: False  # a SIGTERM came: generation passes stop between batches
 
     @property
     def data(self) -> dict[str, pathlib.Path]:
@@ -101,7 +102,8 @@ class Ctx:
                  **kw) -> list[dict]:
         g = self.cfg.generation
         return generation.generate(engine, items, sampling, out, key=self.key, task=self.cfg.task, stop=g.stop,
-                                   batch_size=g.batch_size, log=self.log, **kw)
+                                   batch_size=g.batch_size, log=self.log,
+                                   should_stop=self.should_stop, **kw)
 
 
 def zero_shot_items(questions: list[dict], with_question: bool = True) -> list[generation.Item]:

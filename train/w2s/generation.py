@@ -21,6 +21,7 @@ from mathlm.data.w2s import clean_response, final_answer
 from mathlm.models.generate import Sampling
 from mathlm.train.eval.inference import Engine, complete, cut_at_stop, encode_prompt
 from mathlm.train.w2s.manifest import write_jsonl
+from mathlm.train.w2s.models import Preempted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +77,13 @@ def _append(path: pathlib.Path, obj: dict) -> None:
 
 def generate(engine: Engine, items: Sequence[Item], sampling: Sampling, out: pathlib.Path, *, key: str,
              task: str, stop: Sequence[str], batch_size: int, log=print,
-             stop_after_batches: int | None = None) -> list[dict]:
+             stop_after_batches: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
     """One completion per item -> rows {id, <extra>, response, answer} in (id, extra) order, written to `out`.
 
     The stored response is cut at the first stop string and cleaned as the reference does; `answer` is its
     canonical final answer ("" when none). `stop_after_batches` ends the pass early (a simulated kill, for
-    tests); the partial file stays and the next call resumes it."""
+    tests); the partial file stays and the next call resumes it. `should_stop` (a SIGTERM came) is asked before
+    each batch: True ends the pass the same way, as `Preempted`, so the pipeline stops cleanly (exit 0)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     batches = _batches(engine, items, batch_size)
@@ -96,6 +98,8 @@ def generate(engine: Engine, items: Sequence[Item], sampling: Sampling, out: pat
             continue
         if stop_after_batches is not None and ran >= stop_after_batches:
             raise KeyboardInterrupt(f"stopped after {ran} batches (stop_after_batches)")
+        if should_stop():
+            raise Preempted(f"{out.name} stopped after {len(done)} of {len(batches)} batches (kept in {partial.name})")
         res = complete(engine, [it.prompt for it in batch], sampling, stop=stop, seed=batch[0].seed,
                        sample_ids=[id_hash(it.id) for it in batch], batch_size=len(batch))
         rows = []

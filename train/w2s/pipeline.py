@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from mathlm.data.sources import DataError
+from mathlm.train import preemption
 from mathlm.train.w2s import evaluation, stage1, stage2
 from mathlm.train.w2s.config import W2SConfig, fingerprint, save, to_dict
 from mathlm.train.w2s.context import Ctx
@@ -195,7 +196,11 @@ def check_models(cfg: W2SConfig) -> None:
 
 def run(cfg: W2SConfig, workdir: pathlib.Path, chosen: list[Unit] | None = None, log=print,
         show_progress: bool = False) -> dict[str, str]:
-    """Run the chosen units (default: all) in order; returns unit -> what happened (done / ran)."""
+    """Run the chosen units (default: all) in order; returns unit -> what happened (done / ran / stopped).
+
+    A SIGTERM stops the pipeline cleanly wherever it lands: in a training unit train() saves and returns
+    `preempted` (it shares this handler); in a generation pass the finished batches stay in the partial file;
+    between units nothing is lost. The unit is not recorded as done; the same command resumes it."""
     units = units_of(cfg)
     chosen = units if chosen is None else chosen
     if any(u.step != "prepare" for u in chosen):  # the data splits alone need no model
@@ -204,33 +209,44 @@ def run(cfg: W2SConfig, workdir: pathlib.Path, chosen: list[Unit] | None = None,
     workdir.mkdir(parents=True, exist_ok=True)
     save(cfg, workdir / "config.yaml")
     keys, man = keys_of(cfg, units), Manifests(workdir)
-    ctx = Ctx(cfg, workdir, log, show_progress)
-    names = {u.name for u in chosen}
     done: dict[str, str] = {}
-    for u in chosen:
-        state = man.state(u.name, keys[u.name], u.inputs(ctx))
-        if state == "done":
-            done[u.name] = "done"
-            continue
-        missing = [d for d in u.deps if d not in names and man.state(
-            d, keys[d], next(x for x in units if x.name == d).inputs(ctx)) != "done"]
-        if missing:
-            step = next(x for x in units if x.name == missing[0]).step
-            raise DataError(f"{u.name} needs {missing[0]}, which is not done for this config: run "
-                            f"`mathlm w2s {step}` (or `mathlm w2s run`) first")
-        if state == "stale":
-            removed = man.clear(u.name, u.outputs(ctx))
-            log(f"[yellow]{u.name}: config or inputs changed; redoing it" + (f" (removed {', '.join(removed)})"
-                                                                             if removed else ""))
-        log(f"[bold]{u.name}[/bold]")
-        t0 = time.perf_counter()
-        ctx.key = keys[u.name]
-        try:
-            summary = u.run(ctx)
-        except Preempted as e:
-            log(f"[yellow]stopping: {e}; rerun the same command to resume")
-            done[u.name] = "stopped"
-            return done
-        man.record(u.name, keys[u.name], u.inputs(ctx), u.outputs(ctx), time.perf_counter() - t0, summary)
-        done[u.name] = "ran"
+    with preemption.handling() as preempt:
+        ctx = Ctx(cfg, workdir, log, show_progress, should_stop=lambda: preempt.requested)
+        for u in chosen:
+            if _run_unit(u, units, {c.name for c in chosen}, ctx, keys, man, done, preempt) == "stopped":
+                break
     return done
+
+
+def _run_unit(u: Unit, units: list[Unit], names: set[str], ctx: Ctx, keys, man: Manifests, done: dict,
+              preempt) -> str:
+    state = man.state(u.name, keys[u.name], u.inputs(ctx))
+    if state == "done":
+        done[u.name] = "done"
+        return "done"
+    missing = [d for d in u.deps if d not in names and man.state(
+        d, keys[d], next(x for x in units if x.name == d).inputs(ctx)) != "done"]
+    if missing:
+        step = next(x for x in units if x.name == missing[0]).step
+        raise DataError(f"{u.name} needs {missing[0]}, which is not done for this config: run "
+                        f"`mathlm w2s {step}` (or `mathlm w2s run`) first")
+    if preempt.requested:  # a SIGTERM during the previous unit's bookkeeping: stop before starting this one
+        ctx.log(f"[yellow]stopping: SIGTERM before {u.name}; rerun the same command to resume")
+        done[u.name] = "stopped"
+        return "stopped"
+    if state == "stale":
+        removed = man.clear(u.name, u.outputs(ctx))
+        ctx.log(f"[yellow]{u.name}: config or inputs changed; redoing it" + (f" (removed {', '.join(removed)})"
+                                                                             if removed else ""))
+    ctx.log(f"[bold]{u.name}[/bold]")
+    t0 = time.perf_counter()
+    ctx.key = keys[u.name]
+    try:
+        summary = u.run(ctx)
+    except Preempted as e:
+        ctx.log(f"[yellow]stopping: {e}; rerun the same command to resume")
+        done[u.name] = "stopped"
+        return "stopped"
+    man.record(u.name, keys[u.name], u.inputs(ctx), u.outputs(ctx), time.perf_counter() - t0, summary)
+    done[u.name] = "ran"
+    return "ran"
