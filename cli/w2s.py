@@ -56,26 +56,63 @@ def run(config: ConfigArg, overrides: Overrides = None, workdir: Workdir = None,
         only: Annotated[list[str] | None, typer.Option("--only", help="with --dry-run: compile only this program "
                                                        "(weak_sft, strong_sft_lora, strong_dpo_lora, "
                                                        "strong_orpo_lora); repeatable")] = None,
+        topology: Annotated[str | None, typer.Option(
+            "--topology", help="with --dry-run: compile for this TPU slice (e.g. v5p-64) with libtpu (the tpu "
+            "extra); per-chip memory and whether each program fits")] = None,
+        slices: Annotated[int, typer.Option("--slices", help="with --topology: number of slices")] = 1,
         progress: Progress = False):
     """Run the whole pipeline (or --from/--to a range of steps): prepare, weak-gen, icl-gen, filter, sft, regen,
     sample, pairs, po, eval, report."""
     if dry_run:
-        with one_line_errors():
-            from mathlm.train.w2s.dry_run import dry_run as run_dry
-            cfg, _ = _setup(config, overrides, workdir)
-            from mathlm.cli.train import _human
-            reports = {}
-            for name, r in run_dry(cfg, only):
-                reports[name] = r
-                temp = r.get("bytes_step_temp_per_device")
-                typer.echo(f"{name:18s} params {r['params']:,} ({r['params_trainable']:,} trainable) on mesh "
-                           f"{r['mesh']}; per device: params {_human(r['bytes_params_per_device'])}, optimizer "
-                           f"{_human(r['bytes_opt_state_per_device'])}"
-                           + (f", step temp {_human(temp)}" if temp is not None else "")
-                           + f"; {r['flops_per_step_model']:.3e} FLOPs/step; compiled in {r['compile_seconds']} s")
-            typer.echo(json.dumps(reports))
+        _dry_run(config, overrides, workdir, only, topology, slices)
         return
+    if topology is not None:
+        typer.echo("error: --topology needs --dry-run (it compiles for a TPU slice; it cannot train)", err=True)
+        raise typer.Exit(code=2)
     _run_steps(config, overrides, workdir, progress, start=start, stop=stop)
+
+
+def _dry_line(name: str, r: dict) -> str:
+    from mathlm.cli.train import _human
+    if "params" not in r:  # a TPU compile refused for memory: only the verdict
+        return f"{name:18s} does not fit on {r['topology']}: {r['reason']}"
+    temp = r.get("bytes_step_temp_per_device")
+    line = (f"{name:18s} params {r['params']:,} ({r['params_trainable']:,} trainable) on mesh {r['mesh']}; "
+            f"per device: params {_human(r['bytes_params_per_device'])}, optimizer "
+            f"{_human(r['bytes_opt_state_per_device'])}" + (f", step temp {_human(temp)}" if temp is not None else "")
+            + f"; {r['flops_per_step_model']:.3e} FLOPs/step; compiled in {r['compile_seconds']} s")
+    if "fits" in r:
+        line += (f"; peak {_human(r['bytes_step_peak_per_device'])} of {_human(r['hbm_bytes_per_device'])} HBM "
+                 f"per chip: {'fits' if r['fits'] else 'does not fit'}")
+    return line
+
+
+def _dry_run(config, overrides, workdir, only, topology: str | None, slices: int) -> None:
+    """Compile the recipe's programs, a line each as it compiles, then the JSON of all reports. With --topology
+    the last line is the verdict (`fits: yes`, or `fits: no` naming the programs, exit 1)."""
+    topo = None
+    if topology is not None:
+        from mathlm.train import topology as topo_mod
+        try:
+            topo = topo_mod.parse(topology, slices)
+        except topo_mod.TopologyError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=2) from None
+        topo_mod.prepare_environment(topo)  # before jax starts
+    with one_line_errors():
+        from mathlm.train.w2s.dry_run import dry_run as run_dry
+        cfg, _ = _setup(config, overrides, workdir)
+        reports = {}
+        for name, r in run_dry(cfg, only, topo):
+            reports[name] = r
+            typer.echo(_dry_line(name, r))
+        typer.echo(json.dumps(reports))
+    if topo is not None:
+        too_big = [n for n, r in reports.items() if not r["fits"]]
+        if too_big:
+            typer.echo(f"fits: no ({', '.join(too_big)} on {topology})")
+            raise typer.Exit(code=1)
+        typer.echo(f"fits: yes (every program on {topology}, libtpu {next(iter(reports.values()))['libtpu_version']})")
 
 
 def _step_command(step: str, doc: str):

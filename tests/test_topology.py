@@ -15,10 +15,10 @@ ROOT = pathlib.Path(__file__).parent.parent
 topology.prepare_environment(topology.parse("v5e-8"))  # this process: quiet libtpu (jax stays on the CPU)
 
 
-def train_cli(*args, timeout=900):
+def train_cli(*args, timeout=900, command=("train",)):
     env = {k: v for k, v in os.environ.items()  # as a user runs it
            if k not in ("XLA_FLAGS", "JAX_PLATFORMS") and not k.startswith("TPU_")}
-    return subprocess.run([sys.executable, "-m", "mathlm.cli.main", "train", *map(str, args)], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mathlm.cli.main", *command, *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -81,6 +81,26 @@ def test_an_oversized_step_reports_fits_no_and_fails():
     assert "Traceback" not in res.stderr
     report = json.loads(res.stdout.strip().splitlines()[-2])
     assert report["fits"] is False and report["topology"] == "v5e-4"
+
+
+def test_w2s_dry_run_compiles_the_recipe_programs_for_a_slice():
+    """`mathlm w2s run --dry-run --topology`: each selected program is compiled by libtpu, a line each with its
+    per-chip peak, then the JSON, then one verdict for all of them."""
+    res = train_cli("configs/w2s-synth-smoke.yaml", "mesh.fsdp=4", "po.train.batch_size=4", "--dry-run",
+                    "--topology", "v5e-4", "--only", "strong_orpo_lora", "--only", "weak_sft",
+                    command=("w2s", "run"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1] == f"fits: yes (every program on v5e-4, libtpu {topology.libtpu_version()})"
+    reports = json.loads(lines[-2])
+    assert list(reports) == ["weak_sft", "strong_orpo_lora"]
+    for name, r in reports.items():
+        assert r["device_kind"] == "TPU v5 lite" and r["mesh"]["fsdp"] == 4 and r["fits"] is True, name
+        assert 0 < r["bytes_step_peak_per_device"] < r["hbm_bytes_per_device"], name
+    assert reports["strong_orpo_lora"]["params_trainable"] < reports["strong_orpo_lora"]["params"] / 5  # LoRA
+    assert any(line.startswith("strong_orpo_lora") and line.endswith("per chip: fits") for line in lines)
+    res = train_cli("configs/w2s-synth-smoke.yaml", "--topology", "v5e-4", command=("w2s", "run"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "needs --dry-run" in res.stderr
 
 
 def test_an_unknown_slice_lists_the_known_ones():

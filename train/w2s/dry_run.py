@@ -1,5 +1,7 @@
-"""`mathlm w2s run CONFIG --dry-run`: compile each kind of training step the recipe runs (the weak model's SFT,
-the strong model's LoRA SFT, DPO and ORPO) for its mesh, from the model shapes alone (no weights, no data)."""
+"""`mathlm w2s run CONFIG --dry-run [--topology SLICE]`: compile each kind of training step the recipe runs (the
+weak model's SFT, the strong model's LoRA SFT, DPO and ORPO) for its mesh, from the model shapes alone (no weights,
+no data): on this host's devices, or with libtpu for a TPU slice (train/topology.py) with per-chip memory and a
+fits verdict."""
 from __future__ import annotations
 
 import functools
@@ -23,15 +25,22 @@ def _shape(section, which: str) -> dict:
     raise ConfigError(f"{which}: --dry-run needs {which}.model (the network's shape) or an existing {which}.run")
 
 
-def _compile(raw: dict) -> dict:
-    from mathlm.train.trainer import dry_run
-    cfg = _resolve_defaults(_build(TrainRunConfig, raw, ""))
-    validate(cfg)
-    return dry_run(cfg)  # its report carries compile_seconds
+def _compiler(topo):
+    def compile_(raw: dict) -> dict:
+        cfg = _resolve_defaults(_build(TrainRunConfig, raw, ""))
+        validate(cfg)
+        if topo is not None:
+            from mathlm.train import topology
+            return topology.dry_run(cfg, topo)  # adds the chip's HBM and `fits`
+        from mathlm.train.trainer import dry_run
+        return dry_run(cfg)  # its report carries compile_seconds
+    return compile_
 
 
-def programs(cfg: W2SConfig) -> dict[str, Callable[[], dict]]:
-    """name -> a thunk compiling that training step; the weak model's SFT first (the smallest program)."""
+def programs(cfg: W2SConfig, topo=None) -> dict[str, Callable[[], dict]]:
+    """name -> a thunk compiling that training step; the weak model's SFT first (the smallest program).
+    `topo` (a train.topology.Topology): compile for that TPU slice instead of this host's devices."""
+    _compile = _compiler(topo)
     ctx = Ctx(cfg, pathlib.Path("."))
     lora = {"name": "lora", **cfg.lora}
     out: dict[str, Callable[[], dict]] = {}
@@ -51,9 +60,9 @@ def programs(cfg: W2SConfig) -> dict[str, Callable[[], dict]]:
     return out
 
 
-def dry_run(cfg: W2SConfig, only: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+def dry_run(cfg: W2SConfig, only: list[str] | None = None, topo=None) -> Iterator[tuple[str, dict]]:
     """Compile each selected program in turn, yielding its report as soon as it is compiled."""
-    progs = programs(cfg)
+    progs = programs(cfg, topo)
     unknown = sorted(set(only or []) - set(progs))
     if unknown:
         raise ConfigError(f"--only: unknown program(s) {', '.join(unknown)}; this config has {', '.join(progs)}")
