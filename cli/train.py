@@ -31,6 +31,24 @@ def _verdict(report: dict) -> None:
     raise typer.Exit(code=1)
 
 
+def topology_for(name: str | None, slices: int, dry_run: bool):
+    """--topology/--slices as a train.topology.Topology (None without --topology), its environment set before jax
+    starts; a bad name, or --topology without --dry-run, is one line and exit 2."""
+    if name is None:
+        return None
+    if not dry_run:
+        typer.echo("error: --topology needs --dry-run (it compiles for a TPU slice; it cannot train)", err=True)
+        raise typer.Exit(code=2)
+    from mathlm.train import topology as topo_mod
+    try:
+        topo = topo_mod.parse(name, slices)
+    except topo_mod.TopologyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    topo_mod.prepare_environment(topo)
+    return topo
+
+
 def train(
     config: Annotated[pathlib.Path, typer.Argument(help="YAML recipe, e.g. configs/math-tiny.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(
@@ -50,24 +68,15 @@ def train(
         "aside to checkpoints-superseded/, not deleted)")] = None,
 ):
     """Train a model from a YAML config. Rerunning on a workdir with checkpoints resumes from the latest one."""
-    if topology is not None:
-        if not dry_run:
-            typer.echo("error: --topology needs --dry-run (it compiles for a TPU slice; it cannot train)", err=True)
-            raise typer.Exit(code=2)
-        from mathlm.train import topology as topo_mod
-        try:
-            topo = topo_mod.parse(topology, slices)
-        except topo_mod.TopologyError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(code=2) from None
-        topo_mod.prepare_environment(topo)  # before jax starts
+    topo = topology_for(topology, slices, dry_run)
     from mathlm.train import preemption
     with one_line_errors(), preemption.handling() as preempt:
         from mathlm.train.config import load_config
         from mathlm.train.runs import adopt_init_variant
         cfg = adopt_init_variant(load_config(config, overrides or []))
         if dry_run:
-            if topology is not None:
+            if topo is not None:
+                from mathlm.train import topology as topo_mod
                 report = topo_mod.dry_run(cfg, topo)
             else:
                 from mathlm.train.trainer import dry_run as run_dry

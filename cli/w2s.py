@@ -66,9 +66,8 @@ def run(config: ConfigArg, overrides: Overrides = None, workdir: Workdir = None,
     if dry_run:
         _dry_run(config, overrides, workdir, only, topology, slices)
         return
-    if topology is not None:
-        typer.echo("error: --topology needs --dry-run (it compiles for a TPU slice; it cannot train)", err=True)
-        raise typer.Exit(code=2)
+    from mathlm.cli.train import topology_for
+    topology_for(topology, slices, dry_run=False)  # --topology without --dry-run: one line, exit 2
     _run_steps(config, overrides, workdir, progress, start=start, stop=stop)
 
 
@@ -90,15 +89,8 @@ def _dry_line(name: str, r: dict) -> str:
 def _dry_run(config, overrides, workdir, only, topology: str | None, slices: int) -> None:
     """Compile the recipe's programs, a line each as it compiles, then the JSON of all reports. With --topology
     the last line is the verdict (`fits: yes`, or `fits: no` naming the programs, exit 1)."""
-    topo = None
-    if topology is not None:
-        from mathlm.train import topology as topo_mod
-        try:
-            topo = topo_mod.parse(topology, slices)
-        except topo_mod.TopologyError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(code=2) from None
-        topo_mod.prepare_environment(topo)  # before jax starts
+    from mathlm.cli.train import topology_for
+    topo = topology_for(topology, slices, dry_run=True)
     with one_line_errors():
         from mathlm.train.w2s.dry_run import dry_run as run_dry
         cfg, _ = _setup(config, overrides, workdir)
