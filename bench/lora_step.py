@@ -65,7 +65,7 @@ def _time(cfg: Config, rows: int, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-ff", type=int, default=704)
+    p.add_argument("--d-ff", type=int, default=None, help="default: 2.75 x d_model (704 at d 256)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=16, help="rows per step (pairs count two rows)")
     p.add_argument("--seq-len", type=int, default=160)
@@ -80,11 +80,14 @@ def main() -> None:
                   for how in ("hand-written backward", "autodiff")]
     custom = lora.lora_delta
     print(f"d_model {a.d_model}, {a.layers} layers, {a.batch} rows x {a.seq_len}, {jax.devices()[0].device_kind}")
-    for name, variant, objective, rows in cases:
-        lora.lora_delta = (lambda x, a_, b, s: s * ((x @ a_) @ b)) if "autodiff" in name else custom
-        dt = _time(_config(a, variant, objective, rows), rows, a.steps)
-        print(f"  {name:34s} {dt * 1e3:7.0f} ms/step  {a.batch * a.seq_len / dt:8,.0f} tokens/s", flush=True)
-    lora.lora_delta = custom
+    try:
+        for name, variant, objective, rows in cases:
+            lora.lora_delta = (lambda x, a_, b, s: s * ((x @ a_) @ b)) if "autodiff" in name else custom
+            dt = _time(_config(a, variant, objective, rows), rows, a.steps)
+            tokens = a.batch // rows * rows * a.seq_len
+            print(f"  {name:34s} {dt * 1e3:7.0f} ms/step  {tokens / dt:8,.0f} tokens/s", flush=True)
+    finally:
+        lora.lora_delta = custom
 
 
 if __name__ == "__main__":
